@@ -1,0 +1,303 @@
+"""Rotary position embedding (RoPE) as a Flax NNX module.
+
+Shape notation:
+    B: batch (any number of leading axes), S: sequence length, H: heads, D: head size,
+    R: rotary dimension (the number of rotated features, R <= D, even).
+
+For position ``p`` and pair ``i`` (``i = 0 .. R/2 - 1``) the angle is
+``a = p * inv_freq[i]`` with ``inv_freq[i] = theta ** (-2 i / R)`` (before frequency scaling),
+and the pair ``(u, v)`` becomes
+
+    u' = m * (u cos(a) - v sin(a))
+    v' = m * (v cos(a) + u sin(a))
+
+where ``m`` is the attention factor of the scaling type (1 except for yarn). ``half_split``
+pairs feature ``i`` with ``i + R/2``; ``interleaved`` pairs ``2i`` with ``2i + 1``. Features
+``R .. D-1`` pass through bit-identical.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Float, Integer
+
+from impls.frequencies import (
+    PAIRINGS,
+    Scaling,
+    attention_factor,
+    dynamic_theta,
+    inverse_frequencies,
+    validate_rotary_dim,
+    validate_theta,
+)
+
+
+class RopeTable(nnx.Variable):
+    """A precomputed cos or sin table of a :class:`RoPE`.
+
+    A separate Variable type, not ``nnx.Param``, so that an optimizer over ``nnx.Param`` never
+    updates it, while ``nnx.state`` and ``nnx.split`` still carry it.
+    """
+
+
+def _compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    # bfloat16 and float16 are widened to float32: a bf16 angle loses whole radians past
+    # position 256, and bf16 arithmetic doubles the output error. float64 (under x64) stays.
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _check_positions(
+    x_shape: tuple[int, ...], positions: Integer[Array, "..."], name: str
+) -> Integer[Array, "*batch seq"]:
+    positions = jnp.asarray(positions)
+    if not jnp.issubdtype(positions.dtype, jnp.integer):
+        raise TypeError(
+            f"{name} must be integers, got dtype {positions.dtype}. Float positions lose "
+            f"exactness (bfloat16 rounds 257 to 256); pass {name}.astype(jnp.int32)."
+        )
+    batch_seq = x_shape[:-2]
+    if positions.shape == batch_seq[-1:]:
+        return jnp.broadcast_to(positions, batch_seq)
+    if positions.shape != batch_seq:
+        raise ValueError(
+            f"{name} has shape {positions.shape}, but x of shape {x_shape} needs "
+            f"[seq] = {batch_seq[-1:]} or [batch, seq] = {batch_seq}."
+        )
+    return positions
+
+
+def rotate(
+    x: Float[Array, "*batch seq heads head_dim"],
+    cos: Float[Array, "*batch seq half"],
+    sin: Float[Array, "*batch seq half"],
+    pairing: str = "half_split",
+) -> Float[Array, "*batch seq heads head_dim"]:
+    """Rotate the first ``R = 2 * cos.shape[-1]`` features of ``x`` by the given tables.
+
+    The arithmetic runs in float32 (float64 for float64 inputs) and the result is rounded
+    once to ``x.dtype``.
+    """
+    rotary_dim = 2 * cos.shape[-1]
+    head_dim = x.shape[-1]
+    compute_dtype = _compute_dtype(x.dtype)
+
+    rotated = x[..., :rotary_dim].astype(compute_dtype)
+    cos = cos[..., None, :].astype(compute_dtype)  # [*B, S, 1, R/2]: shared by every head
+    sin = sin[..., None, :].astype(compute_dtype)
+
+    if pairing == "half_split":
+        first, second = rotated[..., : rotary_dim // 2], rotated[..., rotary_dim // 2 :]
+        # Stacking on a new axis and reshaping is a free view for XLA, where a concatenate
+        # of the halves costs a copy: [*B, S, H, 2, R/2] -> [*B, S, H, R].
+        out = jnp.stack([first * cos - second * sin, second * cos + first * sin], axis=-2)
+    else:
+        # [*B, S, H, R] -> [*B, S, H, R/2, 2]: adjacent features form a pair.
+        pairs = rotated.reshape(*rotated.shape[:-1], rotary_dim // 2, 2)
+        first, second = pairs[..., 0], pairs[..., 1]
+        out = jnp.stack([first * cos - second * sin, second * cos + first * sin], axis=-1)
+    # [*B, S, H, 2, R/2] or [*B, S, H, R/2, 2] -> [*B, S, H, R]
+    out = out.reshape(*rotated.shape).astype(x.dtype)
+
+    if rotary_dim == head_dim:
+        return out
+    return jnp.concatenate([out, x[..., rotary_dim:]], axis=-1)
+
+
+class RoPE(nnx.Module):
+    """Rotary position embedding for ``[*batch, seq, heads, head_dim]`` queries and keys.
+
+    The math is written out in the module docstring. Angles are always computed as a float32
+    broadcast multiply ``positions * inv_freq`` (float64 under x64 with float64 inputs), never
+    as a matmul or einsum, whose float32 precision drops to bf16 or TF32 passes on TPUs and
+    recent GPUs. Inverse frequencies are computed on the host in float64 and rounded once.
+
+    Tables of cos and sin are precomputed (as :class:`RopeTable`, not ``nnx.Param``) only when
+    both ``embedding_size`` and ``max_seq_len`` are given. Positions outside
+    ``[0, max_seq_len)`` never read the table: they are computed on the fly, so every position
+    gives the same value as the uncached module.
+
+    Args:
+        theta: the base of the frequencies, > 0.
+        embedding_size: the head size ``D``; with ``max_seq_len``, enables the tables and a
+            check of ``x.shape[-1]``.
+        max_seq_len: number of positions to tabulate; requires ``embedding_size``.
+        rotary_dim: number of leading features to rotate (partial rotary); default: all.
+        pairing: ``"half_split"`` (Hugging Face, Equinox, Gemma, upstream Flax) or
+            ``"interleaved"`` (torchtune, Meta's Llama reference).
+        scaling: a Hugging Face ``rope_parameters``-style mapping such as
+            ``{"rope_type": "llama3", "factor": 8.0, ...}``, or None.
+
+    Example:
+
+    >>> import jax.numpy as jnp
+    >>> rope = RoPE(theta=10_000.0)
+    >>> x = jnp.ones((2, 5, 3, 8))  # [batch, seq, heads, head_dim]
+    >>> rope(x).shape
+    (2, 5, 3, 8)
+    >>> bool(jnp.allclose(rope(x)[:, 0], x[:, 0]))  # position 0 is the identity
+    True
+    >>> positions = jnp.array([[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]])  # packed row, plain row
+    >>> rope(x, positions).dtype
+    dtype('float32')
+    """
+
+    def __init__(
+        self,
+        theta: float = 10_000.0,
+        embedding_size: int | None = None,
+        max_seq_len: int | None = None,
+        *,
+        rotary_dim: int | None = None,
+        pairing: str = "half_split",
+        scaling: Mapping[str, Any] | Scaling | None = None,
+    ):
+        self.theta = validate_theta(theta)
+
+        if (embedding_size is None) != (max_seq_len is None):
+            raise ValueError(
+                f"embedding_size and max_seq_len enable the precomputed tables together: pass "
+                f"both or neither, got embedding_size={embedding_size}, max_seq_len={max_seq_len}."
+            )
+        if embedding_size is not None:
+            if embedding_size <= 0 or embedding_size % 2 and rotary_dim is None:
+                raise ValueError(
+                    f"embedding_size must be a positive even number because features rotate "
+                    f"in pairs, got embedding_size={embedding_size}. Pass an even head size, or "
+                    f"rotary_dim to rotate only an even number of leading features."
+                )
+            if max_seq_len <= 0:
+                raise ValueError(f"max_seq_len must be positive, got max_seq_len={max_seq_len}.")
+        if rotary_dim is not None:
+            validate_rotary_dim(rotary_dim, embedding_size)
+        if pairing not in PAIRINGS:
+            raise ValueError(f"Unknown pairing {pairing!r}. Valid pairings: {', '.join(PAIRINGS)}.")
+
+        self.embedding_size = embedding_size
+        self.max_seq_len = max_seq_len
+        self.rotary_dim = rotary_dim
+        self.pairing = pairing
+        self.scaling = Scaling.from_config(scaling)
+        self.attention_factor = attention_factor(self.scaling)
+
+        self.cos: RopeTable | None = nnx.data(None)
+        self.sin: RopeTable | None = nnx.data(None)
+        # Dynamic scaling changes its frequencies with each row's largest position, so it has
+        # no fixed table.
+        if embedding_size is not None and self.scaling.rope_type != "dynamic":
+            table_dim = rotary_dim or embedding_size
+            # The tables are computed in float64 on the host and rounded once (error 3e-8),
+            # which is more exact than float32 angles (error 5e-4 rad at position 8191).
+            angles = np.arange(max_seq_len, dtype=np.float64)[:, None] * self._inv_freq_f64(table_dim)
+            table_dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+            self.cos = RopeTable(jnp.asarray(np.cos(angles) * self.attention_factor, table_dtype))
+            self.sin = RopeTable(jnp.asarray(np.sin(angles) * self.attention_factor, table_dtype))
+
+    def _inv_freq_f64(self, rotary_dim: int) -> np.ndarray:
+        return inverse_frequencies(rotary_dim, self.theta, self.scaling)
+
+    def _rotary_dim_for(self, head_dim: int) -> int:
+        if self.embedding_size is not None and head_dim != self.embedding_size:
+            raise ValueError(
+                f"x.shape[-1] = {head_dim} differs from this RoPE's embedding_size = "
+                f"{self.embedding_size}; build the RoPE with embedding_size={head_dim}."
+            )
+        if self.rotary_dim is None:
+            if head_dim % 2:
+                raise ValueError(
+                    f"The head size x.shape[-1] = {head_dim} is odd, but features rotate in "
+                    f"pairs; use an even head size or pass an even rotary_dim."
+                )
+            return head_dim
+        return validate_rotary_dim(self.rotary_dim, head_dim)
+
+    def _compute_tables(
+        self, positions: Integer[Array, "*batch seq"], rotary_dim: int, dtype: jnp.dtype
+    ) -> tuple[Float[Array, "*batch seq half"], Float[Array, "*batch seq half"]]:
+        if self.scaling.rope_type == "dynamic":
+            # [*B, 1]: one base per row, from that row's largest position, so rows of one batch
+            # never change each other's frequencies.
+            row_length = positions.max(axis=-1, keepdims=True).astype(dtype) + 1
+            factor = self.scaling.params["factor"]
+            original = self.scaling.params["original_max_position_embeddings"]
+            length = jnp.maximum(row_length, original)
+            base = self.theta * (factor * length / original - (factor - 1.0)) ** (
+                rotary_dim / (rotary_dim - 2)
+            )
+            exponents = jnp.arange(0, rotary_dim, 2, dtype=dtype) / rotary_dim
+            inv_freq = 1.0 / base**exponents  # [*B, R/2]
+            inv_freq = inv_freq[..., None, :]  # [*B, 1, R/2]
+        else:
+            inv_freq = jnp.asarray(self._inv_freq_f64(rotary_dim), dtype)  # [R/2]
+
+        # A broadcast multiply, not an outer product through dot_general: see the class docs.
+        angles = positions[..., None].astype(dtype) * inv_freq
+        cos = jnp.cos(angles)
+        sin = jnp.sin(angles)
+        if self.attention_factor != 1.0:
+            cos, sin = cos * self.attention_factor, sin * self.attention_factor
+        return cos, sin
+
+    def tables(
+        self, positions: Integer[Array, "*batch seq"], rotary_dim: int, dtype: jnp.dtype = jnp.float32
+    ) -> tuple[Float[Array, "*batch seq half"], Float[Array, "*batch seq half"]]:
+        """Return ``(cos, sin)`` of shape ``[*batch, seq, rotary_dim / 2]`` for ``positions``."""
+        dtype = _compute_dtype(dtype)
+        table_dim = self.rotary_dim or self.embedding_size
+        use_table = (
+            self.cos is not None
+            and rotary_dim == table_dim
+            and jnp.finfo(self.cos.dtype).bits >= jnp.finfo(dtype).bits
+        )
+        if not use_table:
+            cos, sin = self._compute_tables(positions, rotary_dim, dtype)
+        else:
+            cos_table, sin_table = self.cos[...], self.sin[...]
+            in_table = jnp.all((positions >= 0) & (positions < self.max_seq_len))
+
+            def lookup(positions):
+                # mode="clip" is safe here: this branch runs only when every index is valid.
+                cos = jnp.take(cos_table, positions, axis=0, mode="clip").astype(dtype)
+                sin = jnp.take(sin_table, positions, axis=0, mode="clip").astype(dtype)
+                return cos, sin
+
+            def compute(positions):
+                return self._compute_tables(positions, rotary_dim, dtype)
+
+            # JAX gathers clamp out-of-range indices without an error, so a position outside
+            # the table would silently read the last row. Such batches take the computed path.
+            cos, sin = jax.lax.cond(in_table, lookup, compute, positions)
+
+        # The barrier keeps XLA from fusing sin and cos into the per-head loop of `rotate`,
+        # where they would be recomputed H times (3x to 4x slower on CPU).
+        return jax.lax.optimization_barrier((cos, sin))
+
+    def __call__(
+        self,
+        x: Float[Array, "*batch seq heads head_dim"],
+        input_positions: Integer[Array, "*batch seq"] | Integer[Array, " seq"] | None = None,
+    ) -> Float[Array, "*batch seq heads head_dim"]:
+        """Rotate ``x`` by ``input_positions`` (default ``0 .. seq - 1``).
+
+        ``input_positions`` may be ``[seq]`` (shared by every example) or ``[*batch, seq]``
+        (per example, as packing and left padding need), with any integer values.
+        """
+        if x.ndim < 3:
+            raise ValueError(
+                f"x must be [*batch, seq, heads, head_dim] with at least 3 axes, got shape {x.shape}."
+            )
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"x must be a floating-point array, got dtype {x.dtype}.")
+        rotary_dim = self._rotary_dim_for(x.shape[-1])
+
+        if input_positions is None:
+            input_positions = jnp.arange(x.shape[-3], dtype=jnp.int32)
+        positions = _check_positions(x.shape, input_positions, "input_positions")
+
+        cos, sin = self.tables(positions, rotary_dim, x.dtype)
+        return rotate(x, cos, sin, self.pairing)
