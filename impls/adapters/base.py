@@ -110,6 +110,19 @@ class Adapter(abc.ABC):
     ) -> np.ndarray:
         """Rotate ``x`` ``[batch, seq, heads, head_dim]`` by ``positions`` ``[batch, seq]``."""
 
+    def rotate_pair(
+        self,
+        q: np.ndarray,
+        k: np.ndarray,
+        q_positions: np.ndarray,
+        k_positions: np.ndarray,
+        spec: RopeSpec,
+        *,
+        mode: str = "eager",
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Rotate queries and keys, each by its own positions (cross-attention may differ)."""
+        return self.rotate(q, q_positions, spec, mode=mode), self.rotate(k, k_positions, spec, mode=mode)
+
     def version(self) -> str:
         """Return the installed version of the wrapped library."""
         from importlib.metadata import PackageNotFoundError, version

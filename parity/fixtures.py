@@ -1,0 +1,322 @@
+"""Golden fixtures: seeded inputs and the oracle's outputs, written by one command.
+
+    python -m parity.fixtures generate   # write fixtures/ from the case table
+    python -m parity.fixtures check      # regenerate in memory and compare with fixtures/
+
+Layout of ``fixtures/``:
+    manifest.json          format version, generator version, library versions, and per case:
+                           parameters, seed, dtype, pairing, tolerance, file name and sha256.
+    data/<case>-<sha>.npz  one uncompressed npz per case, named by its content hash.
+
+Writes are atomic: new data files get new names, the manifest is replaced in one
+``os.replace``, and only then are unreferenced data files removed. A run killed at any point
+leaves a manifest whose files are all present and intact.
+
+Reading never unpickles (``allow_pickle=False``). bfloat16 arrays are stored as their uint16
+bit pattern, with the dtype in the manifest, because npz keeps no bfloat16 dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterable
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from impls.reference import rope_reference
+from parity.cases import CASES, CASES_BY_ID, Case, make_inputs, max_abs_position
+from parity.tolerance import tolerance
+
+FORMAT_VERSION = 1
+# Bump when the generator changes what it writes for the same case table.
+GENERATOR_VERSION = 1
+DEFAULT_DIRECTORY = Path(__file__).resolve().parent.parent / "fixtures"
+REGENERATE = "python -m parity.fixtures generate"
+# The oracle's float64 outputs may differ in the last bits between NumPy builds (their cos and
+# sin are not correctly rounded), so `check` compares them to this relative tolerance; inputs
+# and positions must match exactly.
+ORACLE_RTOL = 1e-12
+
+
+class FixtureError(RuntimeError):
+    """A fixture file that is missing, corrupted, stale or of an unknown format."""
+
+
+def fixture_directory() -> Path:
+    """Return the fixture directory: ``$PARITY_FIXTURES`` if set, else ``fixtures/`` of the repo."""
+    override = os.environ.get("PARITY_FIXTURES")
+    return Path(override) if override else DEFAULT_DIRECTORY
+
+
+def _slug(case_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", case_id).strip("_")
+
+
+def case_arrays(case: Case) -> dict[str, np.ndarray]:
+    """Return the inputs of ``case`` and the oracle's float64 outputs ``expected_q``/``expected_k``."""
+    arrays = make_inputs(case)
+    spec = case.spec
+    oracle = dict(theta=spec.theta, pairing=spec.pairing, rotary_dim=spec.rotary_dim, scaling=spec.scaling)
+    arrays["expected_q"] = rope_reference(arrays["q"], arrays["q_positions"], **oracle)
+    arrays["expected_k"] = rope_reference(arrays["k"], arrays["k_positions"], **oracle)
+    return arrays
+
+
+def _encode(array: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    if array.dtype == ml_dtypes.bfloat16:
+        return array.view(np.uint16), {"dtype": "bfloat16", "stored_as": "uint16", "shape": list(array.shape)}
+    return array, {"dtype": array.dtype.name, "shape": list(array.shape)}
+
+
+def _decode(array: np.ndarray, info: dict[str, Any]) -> np.ndarray:
+    if info.get("stored_as") == "uint16" and info["dtype"] == "bfloat16":
+        return array.view(ml_dtypes.bfloat16)
+    return array
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """Serialize ``arrays`` as an uncompressed npz whose bytes depend only on the arrays.
+
+    ``np.savez`` stamps each member with the current time; a fixed timestamp and a sorted
+    member order make the same arrays give the same sha256 in every run and process.
+    """
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name in sorted(arrays):
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.ascontiguousarray(arrays[name]), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            archive.writestr(info, member.getvalue())
+    return buffer.getvalue()
+
+
+def build(cases: Iterable[Case] = CASES) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """Build the manifest and the data files of ``cases`` in memory: ``(manifest, {file: bytes})``."""
+    entries = []
+    files: dict[str, bytes] = {}
+    for case in cases:
+        arrays = case_arrays(case)
+        encoded, array_info = {}, {}
+        for name, array in arrays.items():
+            encoded[name], array_info[name] = _encode(array)
+        content = npz_bytes(encoded)
+        digest = hashlib.sha256(content).hexdigest()
+        file_name = f"data/{_slug(case.id)}-{digest[:12]}.npz"
+        files[file_name] = content
+
+        position = max_abs_position(arrays)
+        scale = float(max(np.abs(arrays["expected_q"]).max(), np.abs(arrays["expected_k"]).max()))
+        entries.append(
+            {
+                "id": case.id,
+                "file": file_name,
+                "sha256": digest,
+                "seed": case.seed,
+                "dtype": case.dtype,
+                "pairing": case.pairing,
+                "max_abs_position": position,
+                "tolerance": tolerance(case.dtype, position, scale),
+                "params": case.params(),
+                "arrays": array_info,
+            }
+        )
+
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "generator_version": GENERATOR_VERSION,
+        "command": REGENERATE,
+        "libraries": {
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "ml_dtypes": version("ml_dtypes"),
+        },
+        "cases": entries,
+    }
+    return manifest, files
+
+
+def manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    """Serialize the manifest as stable, readable JSON."""
+    return (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+
+
+def _write_atomic(path: Path, content: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(content)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def generate(directory: Path | None = None, cases: Iterable[Case] = CASES) -> dict[str, Any]:
+    """Write the fixtures of ``cases`` to ``directory`` atomically and return the manifest."""
+    directory = Path(directory or fixture_directory())
+    manifest, files = build(cases)
+
+    # New content gets new file names, so nothing the current manifest refers to is touched
+    # until the manifest itself is replaced.
+    for name, content in files.items():
+        target = directory / name
+        if not target.exists() or target.read_bytes() != content:
+            _write_atomic(target, content)
+    _write_atomic(directory / "manifest.json", manifest_bytes(manifest))
+
+    data = directory / "data"
+    for path in data.glob("*"):
+        if f"data/{path.name}" not in files:
+            path.unlink()
+    return manifest
+
+
+def load_manifest(directory: Path | None = None) -> dict[str, Any]:
+    """Read and validate ``manifest.json``; raise FixtureError naming the file and the fix."""
+    path = Path(directory or fixture_directory()) / "manifest.json"
+    if not path.is_file():
+        raise FixtureError(f"Fixture manifest {path} is missing. Regenerate the fixtures with `{REGENERATE}`.")
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise FixtureError(
+            f"Fixture manifest {path} is not valid JSON ({error}). Regenerate it with `{REGENERATE}`."
+        ) from error
+    found = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if found != FORMAT_VERSION:
+        raise FixtureError(
+            f"Fixture manifest {path} has format_version {found!r}, but this suite reads format "
+            f"{FORMAT_VERSION}. Regenerate the fixtures with `{REGENERATE}`."
+        )
+    return manifest
+
+
+def _entry(manifest: dict[str, Any], case_id: str, directory: Path) -> dict[str, Any]:
+    for entry in manifest["cases"]:
+        if entry["id"] == case_id:
+            return entry
+    raise FixtureError(
+        f"Case {case_id!r} is not in {directory / 'manifest.json'}: the fixtures are older than "
+        f"the case table. Regenerate them with `{REGENERATE}`."
+    )
+
+
+def load_case(case_id: str, directory: Path | None = None, manifest: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+    """Load one case's arrays, checking the file's sha256 against the manifest."""
+    directory = Path(directory or fixture_directory())
+    manifest = manifest or load_manifest(directory)
+    entry = _entry(manifest, case_id, directory)
+    path = directory / entry["file"]
+
+    if not path.is_file():
+        raise FixtureError(f"Fixture file {path} for case {case_id!r} is missing. Regenerate it with `{REGENERATE}`.")
+    content = path.read_bytes()
+    digest = hashlib.sha256(content).hexdigest()
+    if digest != entry["sha256"]:
+        raise FixtureError(
+            f"Fixture file {path} for case {case_id!r} has sha256 {digest[:16]}..., but the manifest "
+            f"records {entry['sha256'][:16]}...: the file was truncated or edited. Regenerate it with "
+            f"`{REGENERATE}`."
+        )
+    try:
+        with np.load(io.BytesIO(content), allow_pickle=False) as stored:
+            arrays = {name: stored[name] for name in stored.files}
+    except (ValueError, OSError, zipfile.BadZipFile) as error:
+        raise FixtureError(f"Fixture file {path} cannot be read ({error}). Regenerate it with `{REGENERATE}`.") from error
+
+    missing = sorted(set(entry["arrays"]) - set(arrays))
+    if missing:
+        raise FixtureError(f"Fixture file {path} lacks arrays {missing}. Regenerate it with `{REGENERATE}`.")
+    return {name: _decode(arrays[name], info) for name, info in entry["arrays"].items()}
+
+
+def check(directory: Path | None = None, cases: Iterable[Case] = CASES) -> list[str]:
+    """Regenerate in memory and return one line per stale, missing or corrupted case (empty: fresh)."""
+    directory = Path(directory or fixture_directory())
+    cases = list(cases)
+    try:
+        manifest = load_manifest(directory)
+    except FixtureError as error:
+        return [str(error)]
+
+    problems = []
+    stored_ids = [entry["id"] for entry in manifest["cases"]]
+    wanted_ids = [case.id for case in cases]
+    for case_id in sorted(set(stored_ids) - set(wanted_ids)):
+        problems.append(f"{case_id}: in the fixtures but no longer in the case table")
+    if manifest.get("generator_version") != GENERATOR_VERSION:
+        problems.append(
+            f"manifest.json: written by generator version {manifest.get('generator_version')}, "
+            f"this is version {GENERATOR_VERSION}"
+        )
+
+    for case in cases:
+        if case.id not in stored_ids:
+            problems.append(f"{case.id}: in the case table but not in the fixtures")
+            continue
+        try:
+            stored = load_case(case.id, directory, manifest)
+        except FixtureError as error:
+            problems.append(f"{case.id}: {error}")
+            continue
+        entry = _entry(manifest, case.id, directory)
+        if entry["params"] != json.loads(json.dumps(case.params())):
+            problems.append(f"{case.id}: parameters differ from the case table")
+            continue
+        fresh = case_arrays(case)
+        for name, array in fresh.items():
+            old = stored.get(name)
+            if old is None or old.shape != array.shape or old.dtype != array.dtype:
+                problems.append(f"{case.id}: array {name} changed shape or dtype")
+            elif name.startswith("expected_"):
+                if not np.allclose(old, array, rtol=ORACLE_RTOL, atol=0.0):
+                    error = float(np.max(np.abs(old - array)))
+                    problems.append(f"{case.id}: oracle output {name} moved by {error:.3e}")
+            elif not np.array_equal(old.view(np.uint8), array.view(np.uint8)):
+                problems.append(f"{case.id}: input {name} changed")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point: ``generate`` or ``check``."""
+    parser = argparse.ArgumentParser(prog="python -m parity.fixtures", description=__doc__.split("\n")[0])
+    parser.add_argument("command", choices=("generate", "check"), help="write the fixtures, or compare them with a fresh build")
+    parser.add_argument("--dir", type=Path, default=None, help="fixture directory (default: fixtures/ of the repository)")
+    args = parser.parse_args(argv)
+    directory = args.dir or fixture_directory()
+
+    if args.command == "generate":
+        manifest = generate(directory)
+        size = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+        print(f"Wrote {len(manifest['cases'])} cases to {directory} ({size / 2**20:.2f} MiB).")
+        return 0
+
+    problems = check(directory)
+    if problems:
+        print(f"{len(problems)} fixture problem(s) in {directory}; regenerate with `{REGENERATE}`:", file=sys.stderr)
+        for line in problems:
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    print(f"Fixtures in {directory} match the case table ({len(CASES)} cases).")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Rotated queries and keys of every implementation against the float64 oracle, case by case."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+from impls.registry import ADAPTERS, AdapterUnavailable, load_adapter
+from parity.cases import CASES, CASES_BY_ID
+from parity.fixtures import load_case, load_manifest
+from parity.runner import UserAdapter, compare_case
+
+MODES_BY_FRAMEWORK = {"jax": ("eager", "jit"), "torch": ("eager",)}
+
+
+def pytest_generate_tests(metafunc):
+    if "target" not in metafunc.fixturenames:
+        return
+    user_targets = metafunc.config.getoption("--impl")
+    if user_targets:
+        targets = [(f"user:{target}", ("eager",)) for target in user_targets]
+    else:
+        targets = [(entry.name, MODES_BY_FRAMEWORK.get(entry.framework, ("eager",))) for entry in ADAPTERS]
+
+    params, ids = [], []
+    for target, modes in targets:
+        for case in CASES:
+            for mode in modes:
+                params.append((target, case.id, mode))
+                ids.append(f"{target.removeprefix('user:')}-{case.id}-{mode}")
+    metafunc.parametrize(("target", "case_id", "mode"), params, ids=ids)
+
+
+@functools.lru_cache(maxsize=None)
+def _adapter(target: str):
+    if target.startswith("user:"):
+        return UserAdapter(target.removeprefix("user:"))
+    return load_adapter(target)
+
+
+@pytest.fixture(scope="session")
+def manifest():
+    return load_manifest()
+
+
+def test_rotation(target, case_id, mode, manifest, record_parity):
+    case = CASES_BY_ID[case_id]
+    name = target.removeprefix("user:")
+    try:
+        adapter = _adapter(target)
+    except AdapterUnavailable as error:
+        record_parity({"impl": name, "case": case_id, "kind": case.kind, "dtype": case.dtype,
+                       "mode": mode, "verdict": "skipped", "reason": str(error)})
+        pytest.skip(str(error))
+
+    arrays = load_case(case_id, manifest=manifest)
+    entry = next(e for e in manifest["cases"] if e["id"] == case_id)
+    record = compare_case(adapter, case, arrays, entry, mode)
+    record_parity(record)
+
+    if record["verdict"] == "n/a":
+        pytest.skip(f"n/a: {record['reason']}")
+    diagnosis = record["diagnosis"]
+    assert record["verdict"] == "pass", (
+        f"{name} on {case_id} ({mode}): max |error| {record['max_abs_error']:.3e} at {record['worst']} "
+        f"exceeds the tolerance {record['tolerance']:.3e}; reproduced by: "
+        f"{', '.join(diagnosis['matches']) or 'no known mistake'} (nearest: {diagnosis['nearest']})"
+    )
