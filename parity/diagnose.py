@@ -118,15 +118,18 @@ def _head_dim_denominator(case, arrays, x, positions, which):
     return _rotate_with(x, positions, inv_freq, case.pairing)
 
 
-def _swapped(case, arrays, x, positions, which):
+def _swapped_outputs(case, arrays, x, positions, which):
+    # The rotated queries came back as keys and the other way round.
     other = "k" if which == "q" else "q"
-    other_x, other_positions = arrays[other], arrays[f"{other}_positions"]
-    if other_x.shape == x.shape:
-        # The outputs came back in the wrong order.
-        return _oracle(case, other_x, other_positions)
-    if other_positions.shape == positions.shape:
-        return _oracle(case, x, other_positions)
-    return np.full(x.shape, np.nan)
+    return _oracle(case, arrays[other], arrays[f"{other}_positions"])
+
+
+def _swapped_positions(case, arrays, x, positions, which):
+    # Queries rotated at the keys' positions and keys at the queries' (equal lengths only).
+    other_positions = arrays["k_positions" if which == "q" else "q_positions"]
+    if other_positions.shape != positions.shape:
+        return np.full(x.shape, np.nan)
+    return _oracle(case, x, other_positions)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,15 +147,15 @@ MISTAKES: tuple[Mistake, ...] = (
     Mistake("theta ignored (10000 used instead)", (_theta_ignored,)),
     Mistake("angles or positions in low precision (bfloat16)", (_bf16_positions, _bf16_frequencies)),
     Mistake("partial rotary over the wrong width", (_full_width, _head_dim_denominator)),
-    Mistake("queries and keys swapped", (_swapped,)),
+    Mistake("queries and keys swapped", (_swapped_outputs, _swapped_positions)),
 )
 
 
 def _max_error(actual: np.ndarray, expected: np.ndarray) -> float:
-    if actual.shape != expected.shape:
+    # A variant that cannot apply to this case returns NaN, and matches nothing.
+    if actual.shape != expected.shape or np.isnan(expected).any():
         return float("inf")
-    error = np.abs(np.asarray(actual, np.float64) - expected)
-    return float(np.nanmax(np.where(np.isnan(expected), np.inf, error)))
+    return float(np.abs(np.asarray(actual, np.float64) - expected).max())
 
 
 def assess(case: Case, arrays: dict, outputs: dict[str, np.ndarray], tolerance: float) -> dict:

@@ -116,6 +116,19 @@ def compare_case(adapter: Adapter, case: Case, arrays: dict, entry: dict, mode: 
     tol, override = tolerance_for(adapter.name, case.dtype, entry["max_abs_position"], scale)
     outputs = run_pieces(adapter, case, arrays, mode)
 
+    diagnosis = diagnose.assess(case, arrays, outputs, tol)
+    for which in ("q", "k"):
+        expected_shape = arrays[f"expected_{which}"].shape
+        if outputs[which].shape != expected_shape:
+            record.update(
+                verdict="fail",
+                tolerance=tol,
+                max_abs_error=float("inf"),
+                worst=f"{which} has shape {outputs[which].shape}, expected {expected_shape}",
+                diagnosis=diagnosis,
+            )
+            return record
+
     metrics = {which: compare(outputs[which], arrays[f"expected_{which}"], tol) for which in ("q", "k")}
     passed = all(m.passed for m in metrics.values())
     worst = max(metrics, key=lambda which: metrics[which].max_abs_error)
@@ -128,6 +141,6 @@ def compare_case(adapter: Adapter, case: Case, arrays: dict, entry: dict, mode: 
         metrics={which: m.as_dict() for which, m in metrics.items()},
         worst=f"{worst}{list(metrics[worst].worst_index)}",
         error_by_position=error_by_position(outputs["q"], arrays["expected_q"], arrays["q_positions"]),
-        diagnosis=diagnose.assess(case, arrays, outputs, tol),
+        diagnosis=diagnosis,
     )
     return record

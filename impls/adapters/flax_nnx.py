@@ -19,6 +19,7 @@ _SUPPORT = Support(
 
 @functools.lru_cache(maxsize=64)
 def _jitted_call(rope: RoPE):
+    # Cached per module, which is cached per spec below, so each variant compiles once per shape.
     return jax.jit(lambda x, positions: rope(x, positions))
 
 
@@ -29,6 +30,7 @@ class FlaxNNXAdapter(Adapter):
     library = "flax"
     support = _SUPPORT
 
+    @functools.lru_cache(maxsize=64)
     def _module(self, spec: RopeSpec, head_dim: int) -> RoPE:
         return RoPE(spec.theta, rotary_dim=spec.rotary_dim, pairing=spec.pairing, scaling=spec.scaling)
 
@@ -50,6 +52,7 @@ class FlaxNNXCachedAdapter(FlaxNNXAdapter):
     name = "flax_nnx_cached"
     table_length = 4096
 
+    @functools.lru_cache(maxsize=64)
     def _module(self, spec: RopeSpec, head_dim: int) -> RoPE:
         return RoPE(
             spec.theta,
