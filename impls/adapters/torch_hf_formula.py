@@ -28,18 +28,19 @@ class TorchHFFormulaAdapter(Adapter):
     support = Support(pairings=frozenset({"half_split"}))
 
     def rotate(self, x: np.ndarray, positions: np.ndarray, spec: RopeSpec, *, mode: str = "eager") -> np.ndarray:
-        rotary_dim = spec.rotary_dim or x.shape[-1]
-        x_torch = to_torch(x)
-
-        exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim
-        inv_freq = 1.0 / (spec.theta**exponents)
         position_ids = torch.from_numpy(np.asarray(positions, np.int64))
-        freqs = position_ids[..., None].float() * inv_freq  # [B, S, R/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [B, S, R]
-        # [B, S, R] -> [B, S, 1, R]: one table for every head, in the input dtype as in HF.
-        cos = emb.cos()[:, :, None, :].to(x_torch.dtype)
-        sin = emb.sin()[:, :, None, :].to(x_torch.dtype)
+        return from_torch(apply_rope(to_torch(x), position_ids, spec.theta, spec.rotary_dim or x.shape[-1]))
 
-        rotated, passthrough = x_torch[..., :rotary_dim], x_torch[..., rotary_dim:]
-        out = torch.cat((rotated * cos + rotate_half(rotated) * sin, passthrough), dim=-1)
-        return from_torch(out)
+
+def apply_rope(x: torch.Tensor, position_ids: torch.Tensor, theta: float, rotary_dim: int) -> torch.Tensor:
+    """Rotate the first ``rotary_dim`` features of ``x`` ``[B, S, H, D]`` at ``position_ids`` ``[B, S]``."""
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim
+    inv_freq = 1.0 / (theta**exponents)
+    freqs = position_ids[..., None].float() * inv_freq  # [B, S, R/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [B, S, R]
+    # [B, S, R] -> [B, S, 1, R]: one table for every head, in the input dtype as in HF.
+    cos = emb.cos()[:, :, None, :].to(x.dtype)
+    sin = emb.sin()[:, :, None, :].to(x.dtype)
+
+    rotated, passthrough = x[..., :rotary_dim], x[..., rotary_dim:]
+    return torch.cat((rotated * cos + rotate_half(rotated) * sin, passthrough), dim=-1)
