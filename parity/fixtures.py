@@ -4,9 +4,14 @@
     python -m parity.fixtures check      # regenerate in memory and compare with fixtures/
 
 Layout of ``fixtures/``:
-    manifest.json          format version, generator version, library versions, and per case:
-                           parameters, seed, dtype, pairing, tolerance, file name and sha256.
-    data/<case>-<sha>.npz  one uncompressed npz per case, named by its content hash.
+    manifest.json               format version, generator version, library versions, and per
+                                case: parameters, seed, dtype, pairing, tolerance, file name
+                                and sha256; per implementation: its snapshot file and version.
+    data/<case>-<sha>.npz       one uncompressed npz per case, named by its content hash: the
+                                inputs and the oracle's outputs (the truth).
+    data/snapshot-<impl>-<sha>.npz
+                                each implementation's own rotated queries on the snapshot
+                                cases, to detect drift when a library version changes.
 
 Writes are atomic: new data files get new names, the manifest is replaced in one
 ``os.replace``, and only then are unreferenced data files removed. A run killed at any point
@@ -104,12 +109,66 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
-def build(cases: Iterable[Case] = CASES) -> tuple[dict[str, Any], dict[str, bytes]]:
+def snapshot_cases(cases: Iterable[Case] = CASES) -> list[Case]:
+    """Return the cases whose outputs are snapshotted per implementation.
+
+    The long-position cases (where precision changes show first) and one packed case per
+    dtype, to stay within the 5 MiB budget of the fixtures.
+    """
+    chosen, packed_dtypes = [], set()
+    for case in cases:
+        if case.kind == "long":
+            chosen.append(case)
+        elif case.kind == "packed" and case.dtype not in packed_dtypes and case.scaling is None and case.rotary_dim is None:
+            packed_dtypes.add(case.dtype)
+            chosen.append(case)
+    return chosen
+
+
+def _build_snapshots(cases: list[Case], case_data: dict[str, dict[str, np.ndarray]]) -> tuple[dict[str, Any], dict[str, bytes]]:
+    # Imported here so that reading fixtures never needs the frameworks.
+    from impls.registry import ADAPTERS, AdapterUnavailable, load_adapter
+    from parity.runner import run_pieces, unsupported
+
+    entries, files = {}, {}
+    for registered in ADAPTERS:
+        try:
+            adapter = load_adapter(registered.name)
+        except AdapterUnavailable as error:
+            print(f"No snapshot for {registered.name}: {error}", file=sys.stderr)
+            continue
+        encoded, case_info = {}, {}
+        for case in cases:
+            arrays = case_data[case.id]
+            if unsupported(adapter, case, arrays, "eager"):
+                continue
+            name = _slug(case.id)
+            encoded[name], case_info[case.id] = _encode(run_pieces(adapter, case, arrays, "eager")["q"])
+        if not encoded:
+            continue
+        content = npz_bytes(encoded)
+        digest = hashlib.sha256(content).hexdigest()
+        file_name = f"data/snapshot-{registered.name}-{digest[:12]}.npz"
+        files[file_name] = content
+        entries[registered.name] = {
+            "file": file_name,
+            "sha256": digest,
+            "library": adapter.library,
+            "library_version": adapter.version(),
+            "cases": case_info,
+        }
+    return entries, files
+
+
+def build(cases: Iterable[Case] = CASES, snapshots: bool = True) -> tuple[dict[str, Any], dict[str, bytes]]:
     """Build the manifest and the data files of ``cases`` in memory: ``(manifest, {file: bytes})``."""
+    cases = list(cases)
     entries = []
     files: dict[str, bytes] = {}
+    case_data = {}
     for case in cases:
         arrays = case_arrays(case)
+        case_data[case.id] = arrays
         encoded, array_info = {}, {}
         for name, array in arrays.items():
             encoded[name], array_info[name] = _encode(array)
@@ -145,7 +204,11 @@ def build(cases: Iterable[Case] = CASES) -> tuple[dict[str, Any], dict[str, byte
             "ml_dtypes": version("ml_dtypes"),
         },
         "cases": entries,
+        "snapshots": {},
     }
+    if snapshots:
+        manifest["snapshots"], snapshot_files = _build_snapshots(snapshot_cases(cases), case_data)
+        files.update(snapshot_files)
     return manifest, files
 
 
@@ -168,10 +231,13 @@ def _write_atomic(path: Path, content: bytes) -> None:
         raise
 
 
-def generate(directory: Path | None = None, cases: Iterable[Case] = CASES) -> dict[str, Any]:
-    """Write the fixtures of ``cases`` to ``directory`` atomically and return the manifest."""
+def generate(directory: Path | None = None, cases: Iterable[Case] = CASES, snapshots: bool = True) -> dict[str, Any]:
+    """Write the fixtures of ``cases`` to ``directory`` atomically and return the manifest.
+
+    With ``snapshots``, every installed implementation is run on the snapshot cases too.
+    """
     directory = Path(directory or fixture_directory())
-    manifest, files = build(cases)
+    manifest, files = build(cases, snapshots)
 
     # New content gets new file names, so nothing the current manifest refers to is touched
     # until the manifest itself is replaced.
@@ -218,33 +284,55 @@ def _entry(manifest: dict[str, Any], case_id: str, directory: Path) -> dict[str,
     )
 
 
+def _read_verified(path: Path, sha256: str, what: str) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise FixtureError(f"Fixture file {path} for {what} is missing. Regenerate it with `{REGENERATE}`.")
+    content = path.read_bytes()
+    digest = hashlib.sha256(content).hexdigest()
+    if digest != sha256:
+        raise FixtureError(
+            f"Fixture file {path} for {what} has sha256 {digest[:16]}..., but the manifest records "
+            f"{sha256[:16]}...: the file was truncated or edited. Regenerate it with `{REGENERATE}`."
+        )
+    try:
+        with np.load(io.BytesIO(content), allow_pickle=False) as stored:
+            return {name: stored[name] for name in stored.files}
+    except (ValueError, OSError, zipfile.BadZipFile) as error:
+        raise FixtureError(f"Fixture file {path} cannot be read ({error}). Regenerate it with `{REGENERATE}`.") from error
+
+
 def load_case(case_id: str, directory: Path | None = None, manifest: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
     """Load one case's arrays, checking the file's sha256 against the manifest."""
     directory = Path(directory or fixture_directory())
     manifest = manifest or load_manifest(directory)
     entry = _entry(manifest, case_id, directory)
     path = directory / entry["file"]
-
-    if not path.is_file():
-        raise FixtureError(f"Fixture file {path} for case {case_id!r} is missing. Regenerate it with `{REGENERATE}`.")
-    content = path.read_bytes()
-    digest = hashlib.sha256(content).hexdigest()
-    if digest != entry["sha256"]:
-        raise FixtureError(
-            f"Fixture file {path} for case {case_id!r} has sha256 {digest[:16]}..., but the manifest "
-            f"records {entry['sha256'][:16]}...: the file was truncated or edited. Regenerate it with "
-            f"`{REGENERATE}`."
-        )
-    try:
-        with np.load(io.BytesIO(content), allow_pickle=False) as stored:
-            arrays = {name: stored[name] for name in stored.files}
-    except (ValueError, OSError, zipfile.BadZipFile) as error:
-        raise FixtureError(f"Fixture file {path} cannot be read ({error}). Regenerate it with `{REGENERATE}`.") from error
+    arrays = _read_verified(path, entry["sha256"], f"case {case_id!r}")
 
     missing = sorted(set(entry["arrays"]) - set(arrays))
     if missing:
         raise FixtureError(f"Fixture file {path} lacks arrays {missing}. Regenerate it with `{REGENERATE}`.")
     return {name: _decode(arrays[name], info) for name, info in entry["arrays"].items()}
+
+
+def load_snapshot(impl: str, directory: Path | None = None, manifest: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Return ``(entry, {case id: rotated queries})`` of one implementation's snapshot."""
+    directory = Path(directory or fixture_directory())
+    manifest = manifest or load_manifest(directory)
+    entry = manifest.get("snapshots", {}).get(impl)
+    if entry is None:
+        raise FixtureError(
+            f"{directory / 'manifest.json'} has no snapshot of {impl!r} (it was not installed when the "
+            f"fixtures were written). Regenerate them with `{REGENERATE}`."
+        )
+    arrays = _read_verified(directory / entry["file"], entry["sha256"], f"the snapshot of {impl!r}")
+    outputs = {}
+    for case_id, info in entry["cases"].items():
+        name = _slug(case_id)
+        if name not in arrays:
+            raise FixtureError(f"Snapshot {entry['file']} lacks case {case_id!r}. Regenerate it with `{REGENERATE}`.")
+        outputs[case_id] = _decode(arrays[name], info)
+    return entry, outputs
 
 
 def check(directory: Path | None = None, cases: Iterable[Case] = CASES) -> list[str]:
@@ -291,6 +379,14 @@ def check(directory: Path | None = None, cases: Iterable[Case] = CASES) -> list[
                     problems.append(f"{case.id}: oracle output {name} moved by {error:.3e}")
             elif not np.array_equal(old.view(np.uint8), array.view(np.uint8)):
                 problems.append(f"{case.id}: input {name} changed")
+
+    # Snapshots depend on the installed libraries, so only their integrity is checked here;
+    # parity/test_snapshots.py reports drift.
+    for impl in manifest.get("snapshots", {}):
+        try:
+            load_snapshot(impl, directory, manifest)
+        except FixtureError as error:
+            problems.append(f"snapshot {impl}: {error}")
     return problems
 
 

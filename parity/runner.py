@@ -144,3 +144,29 @@ def compare_case(adapter: Adapter, case: Case, arrays: dict, entry: dict, mode: 
         diagnosis=diagnosis,
     )
     return record
+
+
+def snapshot_drift(adapter: Adapter, case: Case, directory=None) -> str | None:
+    """Return a drift message when ``adapter`` moved beyond tolerance from its snapshot, else None.
+
+    Raises FixtureError when there is no snapshot of this implementation or case.
+    """
+    from parity.fixtures import FixtureError, load_case, load_manifest, load_snapshot
+
+    manifest = load_manifest(directory)
+    entry, outputs = load_snapshot(adapter.name, directory, manifest)
+    if case.id not in outputs:
+        raise FixtureError(f"The snapshot of {adapter.name!r} has no case {case.id!r}.")
+    case_entry = next(e for e in manifest["cases"] if e["id"] == case.id)
+    arrays = load_case(case.id, directory, manifest)
+
+    current = run_pieces(adapter, case, arrays, "eager")["q"].astype(np.float64)
+    moved = float(np.abs(current - outputs[case.id].astype(np.float64)).max())
+    if moved <= case_entry["tolerance"]:
+        return None
+    return (
+        f"drift: {adapter.name} moved by {moved:.3e} (tolerance {case_entry['tolerance']:.3e}) on {case.id} "
+        f"since its snapshot with {entry['library']} {entry['library_version']}; installed: "
+        f"{adapter.library} {adapter.version()}. If the new output is right, regenerate the fixtures "
+        f"with `python -m parity.fixtures generate`."
+    )

@@ -48,7 +48,11 @@ def test_committed_fixtures_size():
 
 
 def test_generate_same_bytes_across_processes(tmp_path):
-    script = "import sys; from pathlib import Path; from parity.fixtures import generate; generate(Path(sys.argv[1]))"
+    # Three cases and a long one, with the snapshots of every installed implementation.
+    script = (
+        "import sys; from pathlib import Path; from parity.cases import CASES; from parity.fixtures import generate; "
+        "generate(Path(sys.argv[1]), list(CASES[:3]) + [c for c in CASES if c.kind == 'long'][:1])"
+    )
     environment = dict(os.environ, PYTHONPATH=str(REPO))
     for name in ("first", "second"):
         subprocess.run([sys.executable, "-c", script, str(tmp_path / name)], check=True, env=environment, timeout=300)
@@ -57,7 +61,7 @@ def test_generate_same_bytes_across_processes(tmp_path):
 
 def test_bfloat16_round_trip_lossless(tmp_path):
     case = next(c for c in CASES if c.dtype == "bfloat16")
-    generate(tmp_path, [case])
+    generate(tmp_path, [case], snapshots=False)
     loaded = load_case(case.id, tmp_path)
     fresh = fixtures.case_arrays(case)
     assert loaded["q"].dtype == fresh["q"].dtype
@@ -73,7 +77,7 @@ def test_stale_case_named():
 
 def test_oracle_drift_named(tmp_path, monkeypatch):
     directory = tmp_path / "fixtures"
-    generate(directory, SMALL)
+    generate(directory, SMALL, snapshots=False)
     real = fixtures.rope_reference
     monkeypatch.setattr(fixtures, "rope_reference", lambda *a, **k: real(*a, **k) * (1 + 1e-9))
     problems = check(directory, SMALL)
@@ -132,7 +136,7 @@ def test_edited_data_file_error(tmp_path):
 
 def test_pickled_array_rejected(tmp_path):
     directory = tmp_path / "fixtures"
-    generate(directory, SMALL[:1])
+    generate(directory, SMALL[:1], snapshots=False)
     manifest = load_manifest(directory)
     entry = manifest["cases"][0]
     path = directory / entry["file"]
@@ -165,7 +169,7 @@ KILL_SCRIPT = textwrap.dedent(
     os.replace = replace_then_maybe_die
     # New seeds give every case new content, so every data file and the manifest change.
     changed = [dataclasses.replace(case, seed=case.seed + 1000) for case in CASES[:3]]
-    fixtures.generate(directory, changed)
+    fixtures.generate(directory, changed, snapshots=False)
     """
 )
 
@@ -173,7 +177,7 @@ KILL_SCRIPT = textwrap.dedent(
 @pytest.mark.parametrize("kill_at", [1, 2, 4], ids=["first-data-file", "second-data-file", "manifest"])
 def test_killed_generate_keeps_previous(tmp_path, kill_at):
     directory = tmp_path / "fixtures"
-    generate(directory, SMALL)
+    generate(directory, SMALL, snapshots=False)
     before = {case.id: load_case(case.id, directory) for case in SMALL}
 
     environment = dict(os.environ, PYTHONPATH=str(REPO))
@@ -186,3 +190,32 @@ def test_killed_generate_keeps_previous(tmp_path, kill_at):
     for case in SMALL:
         after = load_case(case.id, directory)
         assert all(np.array_equal(after[name].view(np.uint8), before[case.id][name].view(np.uint8)) for name in after)
+
+
+def test_snapshot_drift_names_versions(tmp_path):
+    from impls.registry import load_adapter
+    from parity.fixtures import load_snapshot, npz_bytes
+    from parity.runner import snapshot_drift
+
+    directory = _copy_fixtures(tmp_path)
+    adapter = load_adapter("torch_onnx")
+    case = next(c for c in CASES if c.id in load_snapshot("torch_onnx", directory)[1])
+    assert snapshot_drift(adapter, case, directory) is None
+
+    # Pretend the snapshot came from an older torch whose output differed by 1e-2.
+    manifest = load_manifest(directory)
+    entry = manifest["snapshots"]["torch_onnx"]
+    with np.load(directory / entry["file"], allow_pickle=False) as stored:
+        arrays = {name: stored[name] for name in stored.files}
+    slug = fixtures._slug(case.id)
+    arrays[slug] = (arrays[slug].astype(np.float64) + 1e-2).astype(arrays[slug].dtype)
+    content = npz_bytes(arrays)
+    (directory / entry["file"]).write_bytes(content)
+    entry["sha256"] = hashlib.sha256(content).hexdigest()
+    entry["library_version"] = "2.12.0"
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+    message = snapshot_drift(adapter, case, directory)
+    assert message is not None
+    assert "torch 2.12.0" in message
+    assert f"torch {adapter.version()}" in message
