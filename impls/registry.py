@@ -29,6 +29,12 @@ ADAPTERS: tuple[AdapterEntry, ...] = (
     AdapterEntry("equinox", "impls.adapters.equinox:EquinoxAdapter", ("jax", "equinox"), "jax"),
     AdapterEntry("torch_onnx", "impls.adapters.torch_onnx:TorchOnnxAdapter", ("torch",), "torch"),
     AdapterEntry("torch_hf_formula", "impls.adapters.torch_hf_formula:TorchHFFormulaAdapter", ("torch",), "torch"),
+    AdapterEntry("hf_llama", "impls.adapters.hf:HFLlamaAdapter", ("torch", "transformers"), "torch"),
+    AdapterEntry("hf_gpt_neox", "impls.adapters.hf:HFGPTNeoXAdapter", ("torch", "transformers"), "torch"),
+    AdapterEntry("torchtune", "impls.adapters.torchtune:TorchtuneAdapter", ("torch", "torchtune"), "torch"),
+    AdapterEntry(
+        "lucidrains", "impls.adapters.lucidrains:LucidrainsAdapter", ("torch", "rotary_embedding_torch"), "torch"
+    ),
 )
 
 

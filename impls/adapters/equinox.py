@@ -1,9 +1,13 @@
 """Adapter around Equinox's ``eqx.nn.RotaryPositionalEmbedding``.
 
-The module rotates a ``[seq, embedding_size]`` array at positions ``0 .. seq - 1`` and takes no
-positions. Each run ``p, p+1, ...`` of a row is therefore placed at rows ``p ..`` of a zero
-buffer, rotated there by the real module and read back, which expresses offsets, packing and
-padding with the library's own code. Negative positions cannot be expressed.
+The module rotates a ``[seq, embedding_size]`` array, row ``i`` by position ``i``, and takes no
+positions. RoPE acts on each row alone, so a token at position ``p`` is rotated correctly by
+writing it into row ``p`` of a zero buffer, calling the real module on the buffer and reading
+row ``p`` back. Tokens of the whole batch share buffers of at least ``max(positions) + 1`` rows: the
+``k``-th token at a given position goes into buffer ``k``, so no buffer contains two
+tokens in one row. All buffers have one shape, so the module is traced once per case. This
+expresses offsets, packing, padding and arbitrary positions with the library's own code, but
+not negative positions.
 """
 
 from __future__ import annotations
@@ -13,11 +17,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from impls.adapters.base import Adapter, RopeSpec, Support, contiguous_runs
+from impls.adapters.base import Adapter, RopeSpec, Support
+
+
+def occurrence_index(values: np.ndarray) -> np.ndarray:
+    """Return, for each element of a 1-D array, how many earlier elements have the same value.
+
+    >>> occurrence_index(np.array([3, 0, 3, 1, 3, 0])).tolist()
+    [0, 0, 1, 0, 2, 1]
+    """
+    order = np.argsort(values, kind="stable")
+    sorted_values = values[order]
+    block_starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
+    block_lengths = np.diff(np.r_[block_starts, len(values)])
+    rank_in_sorted = np.arange(len(values)) - np.repeat(block_starts, block_lengths)
+    index = np.empty_like(rank_in_sorted)
+    index[order] = rank_in_sorted
+    return index
 
 
 class EquinoxAdapter(Adapter):
-    """``eqx.nn.RotaryPositionalEmbedding(rotary_dim, theta)`` vmapped over heads."""
+    """``eqx.nn.RotaryPositionalEmbedding(rotary_dim, theta)`` vmapped over heads and buffers."""
 
     name = "equinox"
     library = "equinox"
@@ -29,26 +49,40 @@ class EquinoxAdapter(Adapter):
     )
 
     def rotate(self, x: np.ndarray, positions: np.ndarray, spec: RopeSpec, *, mode: str = "eager") -> np.ndarray:
-        rotary_dim = spec.rotary_dim or x.shape[-1]
+        if positions.min() < 0:
+            raise ValueError(
+                f"Equinox's RotaryPositionalEmbedding rotates row i by position i, so negative "
+                f"positions cannot be expressed; got min(positions)={positions.min()}."
+            )
+        batch, seq, heads, head_dim = x.shape
+        rotary_dim = spec.rotary_dim or head_dim
 
         # Equinox caches its tables by (embedding_size, dtype) and not by theta, so a module
         # with another theta would read the previous one's tables. Clearing the cache before
         # every case gives each theta its own tables.
+        # NOTE: run on 0.13.8 only. The sources of 0.11.5 (the first with theta) and 0.12.2
+        # also register the cache with clear_caches, but they need an older jax to import.
         eqx.clear_caches()
         rope = eqx.nn.RotaryPositionalEmbedding(rotary_dim, theta=spec.theta)
 
-        # [seq, heads, R] -> [seq, heads, R]: the module sees one head at a time.
-        per_head = jax.vmap(rope, in_axes=1, out_axes=1)
+        # [buffers, rows, H, R] -> same shape: the module gets one [rows, R] head at a time.
+        per_buffer = jax.vmap(jax.vmap(rope, in_axes=1, out_axes=1))
         if mode == "jit":
-            per_head = jax.jit(per_head)
+            per_buffer = jax.jit(per_buffer)
 
-        out = np.array(x, copy=True)
-        for b in range(x.shape[0]):
-            for start, stop, first in contiguous_runs(positions[b]):
-                length = stop - start
-                # [first + length, heads, R]: the run sits at rows first .. first + length - 1.
-                buffer = jnp.zeros((first + length, x.shape[2], rotary_dim), x.dtype)
-                buffer = buffer.at[first:].set(jnp.asarray(x[b, start:stop, :, :rotary_dim]))
-                rotated = per_head(buffer)[first:]
-                out[b, start:stop, :, :rotary_dim] = np.asarray(rotated)
-        return out
+        flat_positions = positions.reshape(-1)
+        buffer_index = occurrence_index(flat_positions)
+        tokens = x.reshape(batch * seq, heads, head_dim)[..., :rotary_dim]
+        # [buffers, rows, H, R], token t at row flat_positions[t] of its buffer. Eager JAX
+        # compiles every operation once per shape, so the row count is rounded up to a power
+        # of two and cases share shapes. The extra rows are zeros and never read.
+        rows = 1 << max(4, int(flat_positions.max()).bit_length())
+        buffers = np.zeros((buffer_index.max() + 1, rows, heads, rotary_dim), x.dtype)
+        buffers[buffer_index, flat_positions] = tokens
+        rotated = np.asarray(per_buffer(jnp.asarray(buffers)))[buffer_index, flat_positions]
+        rotated = rotated.reshape(batch, seq, heads, rotary_dim)
+
+        # The passthrough takes the module's output dtype: Equinox 0.11.5 returns float32 for a
+        # bfloat16 input, later versions the input dtype.
+        passthrough = x[..., rotary_dim:].astype(rotated.dtype)
+        return np.concatenate([rotated, passthrough], axis=-1)

@@ -2,7 +2,8 @@
 
 The op takes ``[batch, heads, seq, head_dim]`` inputs, gathers user-supplied cos/sin tables of
 shape ``[max_position + 1, rotary_dim / 2]`` at ``position_ids`` and supports both pairings
-and partial rotary.
+and partial rotary. Only the default scaling is declared: the op applies whatever tables it is
+given, so scaled tables would test this project's table code rather than torch's.
 """
 
 from __future__ import annotations
@@ -12,6 +13,13 @@ import torch
 
 from impls.adapters.base import Adapter, RopeSpec, Support
 from impls.adapters.torch_util import from_torch, to_torch
+
+if not hasattr(getattr(torch.onnx, "ops", None), "rotary_embedding"):
+    # Raised at import, so the registry reports the adapter as unavailable with this reason.
+    raise ImportError(
+        f"torch {torch.__version__} has no torch.onnx.ops.rotary_embedding; install a torch that "
+        f"provides it (the suite pins torch==2.13.0)."
+    )
 
 
 class TorchOnnxAdapter(Adapter):
