@@ -46,6 +46,8 @@ def summary_lines(records: list[dict]) -> list[str]:
             verdict = f"{verdict}: {r['reason']}"
         elif r.get("tolerance_override"):
             verdict = f"{verdict} (tolerance override: {r['tolerance_override']})"
+        if r.get("drift"):
+            verdict = f"{verdict}, DRIFT since snapshot: moved {r['snapshot_moved']:.2e}"
         lines.append(
             f"{r['impl']:<{impl_width}}  {r['case']:<{case_width}}  {r['mode']:<5}  "
             f"{_format_error(r):>9}  {tolerance:>9}  {verdict}"

@@ -94,8 +94,30 @@ def unsupported(adapter: Adapter, case: Case, arrays: dict, mode: str) -> str | 
     return adapter.unsupported_reason(case.spec, case.dtype, positions, mode)
 
 
-def compare_case(adapter: Adapter, case: Case, arrays: dict, entry: dict, mode: str) -> dict:
-    """Run ``adapter`` on ``case`` and return a record with metrics, tolerance and verdict."""
+def drift_message(adapter: Adapter, case: Case, moved: float, tolerance: float, snapshot_entry: dict) -> str:
+    """Describe a move of ``adapter``'s output away from its snapshot, naming both versions."""
+    return (
+        f"drift: {adapter.name} moved by {moved:.3e} (tolerance {tolerance:.3e}) on {case.id} since its "
+        f"snapshot with {snapshot_entry['library']} {snapshot_entry['library_version']}; installed: "
+        f"{adapter.library} {adapter.version()}. If the new output is right, regenerate the fixtures "
+        f"with `python -m parity.fixtures generate`."
+    )
+
+
+def compare_case(
+    adapter: Adapter,
+    case: Case,
+    arrays: dict,
+    entry: dict,
+    mode: str,
+    snapshot: tuple[dict, np.ndarray] | None = None,
+) -> dict:
+    """Run ``adapter`` on ``case`` and return a record with metrics, tolerance and verdict.
+
+    With ``snapshot`` (the manifest's snapshot entry of the adapter and its stored queries for
+    this case), the record also says how far the output moved from it, and carries a
+    ``drift`` message when that is beyond the tolerance.
+    """
     record = {
         "impl": adapter.name,
         "library": adapter.library,
@@ -143,6 +165,12 @@ def compare_case(adapter: Adapter, case: Case, arrays: dict, entry: dict, mode: 
         error_by_position=error_by_position(outputs["q"], arrays["expected_q"], arrays["q_positions"]),
         diagnosis=diagnosis,
     )
+    if snapshot is not None:
+        snapshot_entry, stored = snapshot
+        moved = float(np.abs(outputs["q"].astype(np.float64) - stored.astype(np.float64)).max())
+        record["snapshot_moved"] = moved
+        if moved > entry["tolerance"]:
+            record["drift"] = drift_message(adapter, case, moved, entry["tolerance"], snapshot_entry)
     return record
 
 
@@ -164,9 +192,4 @@ def snapshot_drift(adapter: Adapter, case: Case, directory=None) -> str | None:
     moved = float(np.abs(current - outputs[case.id].astype(np.float64)).max())
     if moved <= case_entry["tolerance"]:
         return None
-    return (
-        f"drift: {adapter.name} moved by {moved:.3e} (tolerance {case_entry['tolerance']:.3e}) on {case.id} "
-        f"since its snapshot with {entry['library']} {entry['library_version']}; installed: "
-        f"{adapter.library} {adapter.version()}. If the new output is right, regenerate the fixtures "
-        f"with `python -m parity.fixtures generate`."
-    )
+    return drift_message(adapter, case, moved, case_entry["tolerance"], entry)

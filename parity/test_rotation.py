@@ -1,4 +1,9 @@
-"""Rotated queries and keys of every implementation against the float64 oracle, case by case."""
+"""Rotated queries and keys of every implementation against the float64 oracle, case by case.
+
+Eager runs of the snapshot cases also compare the output with the implementation's own
+snapshot in the fixtures: an implementation that still agrees with the oracle but moved since
+the snapshot (a library upgrade, say) fails with both library versions named.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import pytest
 
 from impls.registry import ADAPTERS, AdapterUnavailable, load_adapter
 from parity.cases import CASES, CASES_BY_ID
-from parity.fixtures import load_case, load_manifest
+from parity.fixtures import FixtureError, load_case, load_manifest, load_snapshot
 from parity.runner import UserAdapter, compare_case
 
 MODES_BY_FRAMEWORK = {"jax": ("eager", "jit"), "torch": ("eager",)}
@@ -44,6 +49,14 @@ def manifest():
     return load_manifest()
 
 
+@functools.lru_cache(maxsize=None)
+def _snapshot(name: str):
+    try:
+        return load_snapshot(name)
+    except FixtureError:
+        return None
+
+
 def test_rotation(target, case_id, mode, manifest, record_parity):
     case = CASES_BY_ID[case_id]
     name = target.removeprefix("user:")
@@ -56,7 +69,10 @@ def test_rotation(target, case_id, mode, manifest, record_parity):
 
     arrays = load_case(case_id, manifest=manifest)
     entry = next(e for e in manifest["cases"] if e["id"] == case_id)
-    record = compare_case(adapter, case, arrays, entry, mode)
+    # Eager outputs are also compared with the implementation's snapshot, to report drift.
+    snapshot = _snapshot(name) if mode == "eager" else None
+    stored = (snapshot[0], snapshot[1][case_id]) if snapshot and case_id in snapshot[1] else None
+    record = compare_case(adapter, case, arrays, entry, mode, snapshot=stored)
     record_parity(record)
 
     if record["verdict"] == "n/a":
@@ -67,3 +83,4 @@ def test_rotation(target, case_id, mode, manifest, record_parity):
         f"exceeds the tolerance {record['tolerance']:.3e}; reproduced by: "
         f"{', '.join(diagnosis['matches']) or 'no known mistake'} (nearest: {diagnosis['nearest']})"
     )
+    assert "drift" not in record, record.get("drift")

@@ -66,9 +66,24 @@ def tolerance(dtype: str, max_position: int, scale: float) -> float:
     """
     if max_position < 0:
         raise ValueError(f"max_position must be the largest absolute position (>= 0), got {max_position}.")
-    angle_term = EPS32 * (2 * max_position + 4)
+    # Angles are computed in float32 for every dtype but float64, which keeps float64 angles.
+    angle_epsilon = float(np.finfo(np.float64).eps) if dtype == "float64" else EPS32
+    angle_term = angle_epsilon * (2 * max_position + 4)
     rounding_term = OUTPUT_ULPS * output_epsilon(dtype)
     return float(scale * (angle_term + rounding_term))
+
+
+def tolerance_for_input(x: np.ndarray, positions: np.ndarray, dtype: str, scaling=None) -> float:
+    """Return the tolerance of a rotated ``x`` when the oracle's output is not at hand.
+
+    A rotated pair is at most ``sqrt(2) * max|x|`` in magnitude, times the attention factor of
+    the scaling (1 except for yarn), and that bound serves as the scale.
+    """
+    from impls.frequencies import Scaling, attention_factor
+
+    scale = np.sqrt(2.0) * float(np.max(np.abs(np.asarray(x, np.float64)), initial=0.0))
+    scale *= attention_factor(Scaling.from_config(scaling))
+    return tolerance(dtype, int(np.max(np.abs(positions), initial=0)), scale)
 
 
 def tolerance_for(adapter: str, dtype: str, max_position: int, scale: float) -> tuple[float, str | None]:
