@@ -111,7 +111,11 @@ class Scaling:
         for name, default in expected.items():
             value = config.get(name, default)
             if value is None and name not in ("attention_factor", "mscale", "mscale_all_dim"):
-                raise ValueError(f"Scaling rope_type {rope_type!r} requires the key {name!r}.")
+                hint = ""
+                if rope_type == "dynamic" and name == "original_max_position_embeddings":
+                    # transformers' dynamic type reads it from the model config instead.
+                    hint = " Hugging Face configs keep it in config.max_position_embeddings."
+                raise ValueError(f"Scaling rope_type {rope_type!r} requires the key {name!r}.{hint}")
             params[name] = value
 
         factor = params.get("factor")

@@ -2,8 +2,8 @@
 
 Each :class:`Mistake` recomputes a case with the float64 oracle the way a broken
 implementation would: with the other pairing, ignoring positions, and so on. A comparison
-records which mistakes its output matches, and which mistakes would have given the right
-answer anyway on that case. :func:`summarize` then names, per implementation, the mistake
+records which mistakes its output matches, and which mistakes would have given the correct
+result anyway on that case. :func:`summarize` then names, per implementation, the mistake
 that explains the most failures without contradicting the passes.
 """
 
@@ -162,8 +162,8 @@ def assess(case: Case, arrays: dict, outputs: dict[str, np.ndarray], tolerance: 
     """Return which mistakes reproduce ``outputs`` and which are harmless on this case.
 
     ``outputs`` maps ``"q"`` and ``"k"`` to the implementation's results. A mistake *matches*
-    when one of its variants reproduces both within ``tolerance``; it is *harmless* when that
-    variant equals the oracle here, so the case cannot tell it apart from a correct result.
+    when one of its variants reproduces both within ``tolerance``. It is *harmless* when that
+    variant equals the oracle here, because then the case cannot tell it from a correct result.
     """
     matches, harmless, nearest = [], [], (float("inf"), "")
     for mistake in MISTAKES:

@@ -4,8 +4,8 @@
 
 The callable takes NumPy queries ``[batch, seq, heads, head_dim]`` and keys
 ``[batch, kv_seq, kv_heads, head_dim]`` with int32 positions ``[batch, seq]`` and
-``[batch, kv_seq]``, and returns the rotated pair. Its ``pairing`` attribute says which
-features form a rotated pair.
+``[batch, kv_seq]``, and returns the rotated pair. Its ``pairing`` attribute names the
+features that form a rotated pair.
 """
 
 from __future__ import annotations

@@ -87,7 +87,8 @@ def test_pair_norms_kept(name, shape, seed, offset):
     adapter, spec = _usable(name, positions)
     out = adapter.rotate(x, positions, spec)
     scale = np.abs(x).max()
-    # A norm only sees the rounding of cos, sin and the products, not the angle error.
+    # The angle error rotates a pair without changing its norm, so only the rounding of cos,
+    # sin and the products remains.
     assert np.abs(_pair_norms(out, spec.pairing) - _pair_norms(x, spec.pairing)).max() <= 8 * EPS32 * scale
 
 

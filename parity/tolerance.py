@@ -17,9 +17,9 @@ correct float32 implementation can make, plus one rounding of the output to its 
 
 Measured on the suite's cases, correct float32 implementations stay within a fifth of this
 bound (at most 1.2e-3 against 6.5e-3 at position 8191, see the benchmarks page for the
-run). A bfloat16 angle or position (1 rad at position 1023), a bfloat16 inverse frequency
-(0.12 rad at position 100), the other pairing or a wrong theta each exceed it by orders of
-magnitude; ``tests/test_diagnosis.py`` shows each of them failing.
+run). Each of these exceeds it by orders of magnitude: a bfloat16 angle or position (1 rad at
+position 1023), a bfloat16 inverse frequency (0.12 rad at position 100), the other pairing,
+a wrong theta. ``tests/test_diagnosis.py`` shows each of them failing.
 
 Overrides: :data:`OVERRIDES` may widen the rule for one adapter and dtype. Each entry carries
 its reason, and the reports show it next to the tolerance. It is empty: no adapter needs one.
