@@ -1,0 +1,53 @@
+"""The parity reports: the summary table and the JSON and PNG files, also from xdist workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from parity.report import summary_lines
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("workers", ["0", "2"], ids=["serial", "xdist"])
+def test_report_written(tmp_path, workers):
+    path = tmp_path / "report.json"
+    environment = dict(os.environ, PYTHONPATH=str(REPO))
+    environment.pop("PYTEST_XDIST_WORKER", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "parity/test_rotation.py", "-p", "no:cacheprovider", "-q",
+         "-n", workers, "-k", "pos8191 and float32 and not theta and not rot16", f"--parity-report={path}"],
+        cwd=REPO, env=environment, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "RoPE parity summary" in result.stdout
+
+    document = json.loads(path.read_text())
+    records = document["records"]
+    assert document["libraries"]["numpy"] != "not installed"
+    assert {r["impl"] for r in records} >= {"flax_nnx", "equinox", "torch_onnx"}
+    passed = [r for r in records if r["verdict"] == "pass"]
+    assert passed
+    for key in ("max_abs_error", "tolerance", "metrics", "params", "library_version"):
+        assert all(key in r for r in passed), key
+    for key in ("max_abs_error", "max_rel_error", "max_ulp", "share_over_tolerance", "worst_index"):
+        assert all(key in r["metrics"]["q"] for r in passed), key
+
+    png = path.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summary_lists_na_reason():
+    records = [
+        {"impl": "a", "case": "c1", "mode": "eager", "verdict": "pass", "max_abs_error": 1e-7, "tolerance": 1e-6},
+        {"impl": "a", "case": "c2", "mode": "eager", "verdict": "n/a", "reason": "a has no interleaved pairing"},
+    ]
+    text = "\n".join(summary_lines(records))
+    assert "n/a: a has no interleaved pairing" in text
+    assert "a: 1 pass, 1 n/a" in text
