@@ -58,8 +58,43 @@ _SCALING_KEYS: dict[str, dict[str, Any]] = {
     },
 }
 
-# Keys that Hugging Face configs carry beside the scaling parameters; accepted and ignored.
-_IGNORED_KEYS = frozenset({"rope_type", "type", "rope_theta", "partial_rotary_factor"})
+# Keys that name the type; any other key must belong to the type.
+_TYPE_KEYS = frozenset({"rope_type", "type"})
+# Keys of Hugging Face rope_parameters that this suite takes as separate arguments.
+_SEPARATE_KEYS = {
+    "rope_theta": "pass it as theta=",
+    "partial_rotary_factor": "pass rotary_dim=int(head_dim * partial_rotary_factor)",
+}
+# Range of each numeric key: (lower bound, inclusive) and whether it must be an integer.
+_NUMBER_RULES: dict[str, tuple[float, bool, bool]] = {
+    "factor": (1.0, True, False),
+    "original_max_position_embeddings": (1.0, True, True),
+    "beta_fast": (0.0, False, False),
+    "beta_slow": (0.0, False, False),
+    "attention_factor": (0.0, False, False),
+    "mscale": (0.0, False, False),
+    "mscale_all_dim": (0.0, False, False),
+    "low_freq_factor": (0.0, False, False),
+    "high_freq_factor": (0.0, False, False),
+}
+
+
+def _check_number(rope_type: str, name: str, value: Any) -> float | int:
+    lower, inclusive, integer = _NUMBER_RULES[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(
+            f"Scaling {rope_type!r} key {name!r} must be a number, got {value!r} of type {type(value).__name__}."
+        )
+    if not math.isfinite(value):
+        raise ValueError(f"Scaling {rope_type!r} key {name!r} must be finite, got {value}.")
+    if integer and value != int(value):
+        raise ValueError(f"Scaling {rope_type!r} key {name!r} must be a whole number, got {value}.")
+    too_small = value < lower if inclusive else value <= lower
+    if too_small:
+        relation = ">=" if inclusive else ">"
+        hint = " (a factor below 1 shortens the context instead of extending it)" if name == "factor" else ""
+        raise ValueError(f"Scaling {rope_type!r} key {name!r} must be {relation} {lower:g}{hint}, got {value}.")
+    return int(value) if integer else float(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,13 +129,24 @@ class Scaling:
             )
 
         rope_type = config.get("rope_type", config.get("type", "default"))
-        if rope_type not in _SCALING_KEYS:
+        if "rope_type" in config and "type" in config and config["type"] != config["rope_type"]:
+            raise ValueError(
+                f"Scaling gives rope_type={config['rope_type']!r} and type={config['type']!r}; keep one of them."
+            )
+        if not isinstance(rope_type, str) or rope_type not in _SCALING_KEYS:
             raise ValueError(
                 f"Unknown scaling rope_type {rope_type!r}. Valid types: {', '.join(SCALING_TYPES)}."
             )
 
+        for name, fix in _SEPARATE_KEYS.items():
+            if name in config:
+                raise ValueError(
+                    f"Scaling contains {name}={config[name]!r}, which this module takes as a separate "
+                    f"argument: {fix} and remove {name!r} from the scaling mapping."
+                )
+
         expected = _SCALING_KEYS[rope_type]
-        unknown = sorted(set(config) - set(expected) - _IGNORED_KEYS)
+        unknown = sorted(set(config) - set(expected) - _TYPE_KEYS)
         if unknown:
             raise ValueError(
                 f"Unknown keys {unknown} for scaling rope_type {rope_type!r}. "
@@ -110,25 +156,26 @@ class Scaling:
         params: dict[str, Any] = {}
         for name, default in expected.items():
             value = config.get(name, default)
-            if value is None and name not in ("attention_factor", "mscale", "mscale_all_dim"):
-                hint = ""
-                if rope_type == "dynamic" and name == "original_max_position_embeddings":
-                    # transformers' dynamic type reads it from the model config instead.
-                    hint = " Hugging Face configs keep it in config.max_position_embeddings."
-                raise ValueError(f"Scaling rope_type {rope_type!r} requires the key {name!r}.{hint}")
+            if value is None:
+                if name not in ("attention_factor", "mscale", "mscale_all_dim"):
+                    raise ValueError(f"Scaling rope_type {rope_type!r} requires the key {name!r}.")
+            elif name == "truncate":
+                if not isinstance(value, bool):
+                    raise TypeError(f"Scaling 'yarn' key 'truncate' must be True or False, got {value!r}.")
+            else:
+                value = _check_number(rope_type, name, value)
             params[name] = value
 
-        factor = params.get("factor")
-        if factor is not None and not factor >= 1.0:
-            raise ValueError(
-                f"Scaling factor must be >= 1 (a factor below 1 shortens the context instead "
-                f"of extending it), got factor={factor}."
-            )
         if rope_type == "llama3" and not params["high_freq_factor"] > params["low_freq_factor"]:
             raise ValueError(
                 "llama3 scaling needs high_freq_factor > low_freq_factor, got "
                 f"high_freq_factor={params['high_freq_factor']} and "
                 f"low_freq_factor={params['low_freq_factor']}."
+            )
+        if rope_type == "yarn" and not params["beta_fast"] > params["beta_slow"]:
+            raise ValueError(
+                "yarn scaling needs beta_fast > beta_slow (the fast boundary turns more often), got "
+                f"beta_fast={params['beta_fast']} and beta_slow={params['beta_slow']}."
             )
         return cls(rope_type, tuple(sorted(params.items())))
 
@@ -141,8 +188,10 @@ class Scaling:
 
 def validate_theta(theta: float) -> float:
     """Return ``theta`` as a float, or raise if it is not a positive finite number."""
-    if not (isinstance(theta, (int, float, np.floating, np.integer)) and math.isfinite(theta)):
-        raise TypeError(f"theta must be a finite number, got {theta!r}.")
+    if isinstance(theta, bool) or not isinstance(theta, (int, float, np.floating, np.integer)):
+        raise TypeError(f"theta must be a number, got {theta!r} of type {type(theta).__name__}.")
+    if not math.isfinite(theta):
+        raise ValueError(f"theta must be finite, got theta={theta}.")
     if theta <= 0:
         raise ValueError(f"theta must be > 0 (typical values are 1e4 to 1e6), got theta={theta}.")
     return float(theta)
@@ -273,6 +322,6 @@ def interleaved_to_half_split(head_dim: int, rotary_dim: int | None = None) -> n
     >>> interleaved_to_half_split(8).tolist()
     [0, 2, 4, 6, 1, 3, 5, 7]
     """
-    rotary_dim = head_dim if rotary_dim is None else rotary_dim
+    rotary_dim = validate_rotary_dim(head_dim if rotary_dim is None else rotary_dim, head_dim)
     rotated = np.concatenate([np.arange(0, rotary_dim, 2), np.arange(1, rotary_dim, 2)])
     return np.concatenate([rotated, np.arange(rotary_dim, head_dim)])

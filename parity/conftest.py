@@ -14,6 +14,17 @@ RECORD_KEY = "parity_record"
 _records: list[dict] = []
 
 
+def pytest_configure(config):
+    # A bad --impl stops the run once, with one message, instead of failing every test.
+    from parity.runner import UserAdapter
+
+    for target in config.getoption("--impl"):
+        try:
+            UserAdapter(target)
+        except ValueError as error:
+            raise pytest.UsageError(str(error)) from error
+
+
 def pytest_runtest_logreport(report):
     # Runs on the controller for every test report, also for tests run by xdist workers,
     # whose user_properties travel with the report. A record is attached once per test.

@@ -166,6 +166,13 @@ def assess(case: Case, arrays: dict, outputs: dict[str, np.ndarray], tolerance: 
     variant equals the oracle here, because then the case cannot tell it from a correct result.
     """
     matches, harmless, nearest = [], [], (float("inf"), "")
+    for which in ("q", "k"):
+        output = np.asarray(outputs[which], np.float64)
+        if output.shape == arrays[f"expected_{which}"].shape and not np.all(np.isfinite(output)):
+            # NaN or inf is no known mistake of the rotation itself.
+            bad = tuple(int(i) for i in np.argwhere(~np.isfinite(output))[0])
+            return {"matches": [], "harmless": [], "nearest": f"the output contains NaN or inf at {which}{list(bad)}",
+                    "nearest_error": float("inf")}
     for mistake in MISTAKES:
         for variant in mistake.variants:
             error = 0.0
@@ -217,8 +224,11 @@ def summarize(records: list[dict]) -> dict[str, str]:
             verdicts[impl] = f"{label}: reproduces {explained} of {len(failures)} failed comparisons"
         else:
             nearest = min(failures, key=lambda r: r["diagnosis"]["nearest_error"])["diagnosis"]
-            verdicts[impl] = (
-                f"no known mistake reproduces the failures; nearest: {nearest['nearest']} "
-                f"(off by {nearest['nearest_error']:.2e})"
-            )
+            if nearest["nearest_error"] == float("inf"):
+                verdicts[impl] = f"no known mistake reproduces the failures: {nearest['nearest'] or 'the outputs have the wrong shape'}"
+            else:
+                verdicts[impl] = (
+                    f"no known mistake reproduces the failures; nearest: {nearest['nearest']} "
+                    f"(off by {nearest['nearest_error']:.2e})"
+                )
     return verdicts

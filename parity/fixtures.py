@@ -46,6 +46,9 @@ from parity.cases import CASES, CASES_BY_ID, Case, make_inputs, max_abs_position
 from parity.tolerance import tolerance
 
 FORMAT_VERSION = 1
+# Names of the files `generate` writes into data/: `<slug>-<12 hex digits>.npz`, and the
+# temporary files of an interrupted write.
+_GENERATED_NAME = re.compile(r"^(\.[A-Za-z0-9_.-]+-[0-9a-f]{12}\.npz\.[A-Za-z0-9_]+\.tmp|[A-Za-z0-9_.-]+-[0-9a-f]{12}\.npz)$")
 # Bump when the generator changes what it writes for the same case table.
 GENERATOR_VERSION = 1
 DEFAULT_DIRECTORY = Path(__file__).resolve().parent.parent / "fixtures"
@@ -87,7 +90,9 @@ def _encode(array: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
 
 
 def _decode(array: np.ndarray, info: dict[str, Any]) -> np.ndarray:
-    if info.get("stored_as") == "uint16" and info["dtype"] == "bfloat16":
+    # Read-only: an implementation under test must not be able to change the goldens it is
+    # compared with (frombuffer over bytes already gives a read-only array).
+    if info["dtype"] == "bfloat16":
         return array.view(ml_dtypes.bfloat16)
     return array
 
@@ -239,38 +244,108 @@ def generate(directory: Path | None = None, cases: Iterable[Case] = CASES, snaps
     directory = Path(directory or fixture_directory())
     manifest, files = build(cases, snapshots)
 
+    if str(directory) == "":
+        raise FixtureError("The fixture directory is empty; pass a directory such as fixtures/.")
+    if directory.exists() and not directory.is_dir():
+        raise FixtureError(f"Fixture directory {directory} is a file; pass a directory.")
+    if (directory / "data").is_symlink():
+        raise FixtureError(f"{directory / 'data'} is a symbolic link; the generator writes only into a real folder.")
+
     # New content gets new file names, so nothing the current manifest refers to is touched
     # until the manifest itself is replaced.
     for name, content in files.items():
         target = directory / name
-        if not target.exists() or target.read_bytes() != content:
+        if not target.is_file() or target.read_bytes() != content:
             _write_atomic(target, content)
     _write_atomic(directory / "manifest.json", manifest_bytes(manifest))
 
-    data = directory / "data"
-    for path in data.glob("*"):
-        if f"data/{path.name}" not in files:
+    # Only files the generator writes (content-addressed npz and its temporary files) are removed.
+    for path in (directory / "data").iterdir():
+        generated = _GENERATED_NAME.match(path.name)
+        if generated and path.is_file() and not path.is_symlink() and f"data/{path.name}" not in files:
             path.unlink()
     return manifest
+
+
+_FILE_NAME = re.compile(r"^data/[A-Za-z0-9_.-]+\.npz$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _invalid(path: Path, problem: str) -> FixtureError:
+    return FixtureError(f"Fixture manifest {path} is invalid: {problem}. Regenerate the fixtures with `{REGENERATE}`.")
+
+
+def _check_file_entry(path: Path, where: str, entry: Any) -> None:
+    if not isinstance(entry, dict):
+        raise _invalid(path, f"{where} is {type(entry).__name__}, not an object")
+    for key in ("file", "sha256"):
+        if not isinstance(entry.get(key), str):
+            raise _invalid(path, f"{where} has no string {key!r}")
+    if not _FILE_NAME.match(entry["file"]):
+        raise _invalid(path, f"{where} names the file {entry['file']!r}, which is not data/<name>.npz")
+    if not _SHA256.match(entry["sha256"]):
+        raise _invalid(path, f"{where} has sha256 {entry['sha256']!r}, which is not 64 hex digits")
+
+
+def _check_array_infos(path: Path, where: str, infos: Any) -> None:
+    if not isinstance(infos, dict) or not infos:
+        raise _invalid(path, f"{where} has no object of arrays")
+    for name, info in infos.items():
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if not (isinstance(shape, list) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
+            raise _invalid(path, f"{where} array {name!r} has no valid shape")
+        if not isinstance(info.get("dtype"), str):
+            raise _invalid(path, f"{where} array {name!r} has no dtype")
+
+
+def _validate_manifest(path: Path, manifest: Any) -> None:
+    if not isinstance(manifest, dict):
+        raise _invalid(path, f"the top level is {type(manifest).__name__}, not an object")
+    found = manifest.get("format_version")
+    if isinstance(found, bool) or found != FORMAT_VERSION:
+        raise FixtureError(
+            f"Fixture manifest {path} has format_version {found!r}, but this suite reads format "
+            f"{FORMAT_VERSION}. Regenerate the fixtures with `{REGENERATE}`."
+        )
+    cases = manifest.get("cases")
+    if not isinstance(cases, list):
+        raise _invalid(path, "'cases' is not a list")
+    for index, entry in enumerate(cases):
+        where = f"cases[{index}]"
+        _check_file_entry(path, where, entry)
+        if not isinstance(entry.get("id"), str):
+            raise _invalid(path, f"{where} has no string 'id'")
+        for key in ("tolerance", "max_abs_position"):
+            if isinstance(entry.get(key), bool) or not isinstance(entry.get(key), (int, float)):
+                raise _invalid(path, f"{where} has no number {key!r}")
+        if not isinstance(entry.get("params"), dict):
+            raise _invalid(path, f"{where} has no object 'params'")
+        _check_array_infos(path, where, entry.get("arrays"))
+    snapshots = manifest.get("snapshots", {})
+    if not isinstance(snapshots, dict):
+        raise _invalid(path, "'snapshots' is not an object")
+    for impl, entry in snapshots.items():
+        where = f"snapshots[{impl!r}]"
+        _check_file_entry(path, where, entry)
+        for key in ("library", "library_version"):
+            if not isinstance(entry.get(key), str):
+                raise _invalid(path, f"{where} has no string {key!r}")
+        _check_array_infos(path, where, entry.get("cases"))
 
 
 def load_manifest(directory: Path | None = None) -> dict[str, Any]:
     """Read and validate ``manifest.json``; raise FixtureError naming the file and the fix."""
     path = Path(directory or fixture_directory()) / "manifest.json"
-    if not path.is_file():
-        raise FixtureError(f"Fixture manifest {path} is missing. Regenerate the fixtures with `{REGENERATE}`.")
+    if path.is_symlink() or not path.is_file():
+        problem = "a symbolic link" if path.is_symlink() else "missing"
+        raise FixtureError(f"Fixture manifest {path} is {problem}. Regenerate the fixtures with `{REGENERATE}`.")
     try:
         manifest = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise FixtureError(
-            f"Fixture manifest {path} is not valid JSON ({error}). Regenerate it with `{REGENERATE}`."
+            f"Fixture manifest {path} is not valid JSON ({type(error).__name__}). Regenerate it with `{REGENERATE}`."
         ) from error
-    found = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if found != FORMAT_VERSION:
-        raise FixtureError(
-            f"Fixture manifest {path} has format_version {found!r}, but this suite reads format "
-            f"{FORMAT_VERSION}. Regenerate the fixtures with `{REGENERATE}`."
-        )
+    _validate_manifest(path, manifest)
     return manifest
 
 
@@ -284,7 +359,21 @@ def _entry(manifest: dict[str, Any], case_id: str, directory: Path) -> dict[str,
     )
 
 
-def _read_verified(path: Path, sha256: str, what: str) -> dict[str, np.ndarray]:
+def _stored_dtype(info: dict[str, Any]) -> np.dtype:
+    if info["dtype"] == "bfloat16":
+        return np.dtype(np.uint16)
+    return np.dtype(info["dtype"])
+
+
+def _read_verified(directory: Path, name: str, sha256: str, what: str, infos: dict[str, dict]) -> dict[str, np.ndarray]:
+    """Read the npz ``name`` under ``directory``, checking its hash and each array against ``infos``.
+
+    Only the members listed in ``infos`` are read, after their headers match the manifest's
+    dtype and shape, so a crafted file can neither unpickle nor allocate more than declared.
+    """
+    path = directory / name
+    if (directory / "data").is_symlink() or path.is_symlink():
+        raise FixtureError(f"Fixture file {path} for {what} is behind a symbolic link. Regenerate it with `{REGENERATE}`.")
     if not path.is_file():
         raise FixtureError(f"Fixture file {path} for {what} is missing. Regenerate it with `{REGENERATE}`.")
     content = path.read_bytes()
@@ -294,11 +383,34 @@ def _read_verified(path: Path, sha256: str, what: str) -> dict[str, np.ndarray]:
             f"Fixture file {path} for {what} has sha256 {digest[:16]}..., but the manifest records "
             f"{sha256[:16]}...: the file was truncated or edited. Regenerate it with `{REGENERATE}`."
         )
+
+    arrays = {}
     try:
-        with np.load(io.BytesIO(content), allow_pickle=False) as stored:
-            return {name: stored[name] for name in stored.files}
-    except (ValueError, OSError, zipfile.BadZipFile) as error:
-        raise FixtureError(f"Fixture file {path} cannot be read ({error}). Regenerate it with `{REGENERATE}`.") from error
+        with zipfile.ZipFile(io.BytesIO(content)) as archive:
+            members = {info.filename: info for info in archive.infolist()}
+            for array_name, info in infos.items():
+                member = members.get(f"{array_name}.npy")
+                if member is None:
+                    raise ValueError(f"it lacks the array {array_name!r}")
+                if member.compress_type != zipfile.ZIP_STORED:
+                    raise ValueError(f"array {array_name!r} is compressed, which the generator never writes")
+                dtype, shape = _stored_dtype(info), tuple(info["shape"])
+                with archive.open(member) as stream:
+                    version = np.lib.format.read_magic(stream)
+                    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                    header_shape, fortran, header_dtype = read_header(stream)
+                    if header_dtype != dtype or tuple(header_shape) != shape or fortran:
+                        raise ValueError(
+                            f"array {array_name!r} is {header_dtype}{list(header_shape)}, but the manifest "
+                            f"declares {dtype}{list(shape)}"
+                        )
+                    data = stream.read(dtype.itemsize * int(np.prod(shape)) + 1)
+                if len(data) != dtype.itemsize * int(np.prod(shape)):
+                    raise ValueError(f"array {array_name!r} has {len(data)} bytes of data, not {dtype.itemsize * int(np.prod(shape))}")
+                arrays[array_name] = np.frombuffer(data, dtype).reshape(shape)
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as error:
+        raise FixtureError(f"Fixture file {path} cannot be read: {error}. Regenerate it with `{REGENERATE}`.") from error
+    return arrays
 
 
 def load_case(case_id: str, directory: Path | None = None, manifest: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
@@ -306,12 +418,7 @@ def load_case(case_id: str, directory: Path | None = None, manifest: dict[str, A
     directory = Path(directory or fixture_directory())
     manifest = manifest or load_manifest(directory)
     entry = _entry(manifest, case_id, directory)
-    path = directory / entry["file"]
-    arrays = _read_verified(path, entry["sha256"], f"case {case_id!r}")
-
-    missing = sorted(set(entry["arrays"]) - set(arrays))
-    if missing:
-        raise FixtureError(f"Fixture file {path} lacks arrays {missing}. Regenerate it with `{REGENERATE}`.")
+    arrays = _read_verified(directory, entry["file"], entry["sha256"], f"case {case_id!r}", entry["arrays"])
     return {name: _decode(arrays[name], info) for name, info in entry["arrays"].items()}
 
 
@@ -325,14 +432,9 @@ def load_snapshot(impl: str, directory: Path | None = None, manifest: dict[str, 
             f"{directory / 'manifest.json'} has no snapshot of {impl!r} (it was not installed when the "
             f"fixtures were written). Regenerate them with `{REGENERATE}`."
         )
-    arrays = _read_verified(directory / entry["file"], entry["sha256"], f"the snapshot of {impl!r}")
-    outputs = {}
-    for case_id, info in entry["cases"].items():
-        name = _slug(case_id)
-        if name not in arrays:
-            raise FixtureError(f"Snapshot {entry['file']} lacks case {case_id!r}. Regenerate it with `{REGENERATE}`.")
-        outputs[case_id] = _decode(arrays[name], info)
-    return entry, outputs
+    infos = {_slug(case_id): info for case_id, info in entry["cases"].items()}
+    arrays = _read_verified(directory, entry["file"], entry["sha256"], f"the snapshot of {impl!r}", infos)
+    return entry, {case_id: _decode(arrays[_slug(case_id)], info) for case_id, info in entry["cases"].items()}
 
 
 def check(directory: Path | None = None, cases: Iterable[Case] = CASES) -> list[str]:

@@ -37,11 +37,16 @@ class Metrics:
 
 
 def _ordered_integers(values: np.ndarray) -> np.ndarray:
-    """Map floats to integers whose order and spacing follow the floats' (one step per ULP)."""
+    """Map floats to integers whose order and spacing follow the floats' (one step per ULP).
+
+    Returned as float64: a float64 ULP distance can exceed the int64 range (+0 to -inf), and
+    distances that large need no exact count.
+    """
     width = values.dtype.itemsize
-    bits = values.view(_UINT_OF_WIDTH[width]).astype(np.int64)
-    sign_bit = 1 << (8 * width - 1)
-    magnitude = bits & (sign_bit - 1)
+    unsigned = _UINT_OF_WIDTH[width]
+    bits = values.view(unsigned)
+    sign_bit = unsigned(1 << (8 * width - 1))
+    magnitude = (bits & (sign_bit - unsigned(1))).astype(np.float64)
     return np.where(bits & sign_bit, -magnitude, magnitude)
 
 
@@ -52,7 +57,7 @@ def ulp_distance(actual: np.ndarray, expected: np.ndarray, dtype: str) -> np.nda
     their nearest representable value.
 
     >>> ulp_distance(np.float32([1.0]), np.float64([1.0 + 2**-23]), "float32").tolist()
-    [1]
+    [1.0]
     """
     target = numpy_dtype(dtype)
     a = np.asarray(actual).astype(target)
@@ -60,9 +65,22 @@ def ulp_distance(actual: np.ndarray, expected: np.ndarray, dtype: str) -> np.nda
     return np.abs(_ordered_integers(a) - _ordered_integers(e))
 
 
+REAL_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def check_output(actual, name: str) -> np.ndarray:
+    """Return ``actual`` as a NumPy array, or raise ValueError unless it is a real floating array."""
+    array = np.asarray(actual)
+    if array.dtype.name not in REAL_DTYPES:
+        raise ValueError(
+            f"{name} has dtype {array.dtype}; expected a real floating array ({', '.join(REAL_DTYPES)})."
+        )
+    return array
+
+
 def compare(actual: np.ndarray, expected: np.ndarray, tolerance: float) -> Metrics:
     """Compare an output with the oracle's float64 values of the same shape."""
-    actual = np.asarray(actual)
+    actual = check_output(actual, "The output")
     if actual.shape != expected.shape:
         raise ValueError(
             f"The implementation returned shape {actual.shape}, but the case expects {expected.shape}."
@@ -75,13 +93,12 @@ def compare(actual: np.ndarray, expected: np.ndarray, tolerance: float) -> Metri
     relative = error / np.maximum(np.abs(expected), max(tolerance, np.finfo(np.float64).tiny))
     worst = np.unravel_index(int(np.argmax(error)), error.shape)
     # The ULP distance is measured in the dtype the implementation returned.
-    dtype_name = "bfloat16" if actual.dtype.name == "bfloat16" else actual.dtype.name
-    ulps = ulp_distance(actual, expected, dtype_name) if actual.dtype.kind == "f" else np.zeros(1, np.int64)
+    ulps = ulp_distance(actual, expected, actual.dtype.name)
 
     return Metrics(
         max_abs_error=float(error.max()),
         max_rel_error=float(relative.max()),
-        max_ulp=int(ulps.max()),
+        max_ulp=int(min(ulps.max(), 2**62)),
         share_over_tolerance=float(np.mean(error > tolerance)),
         worst_index=tuple(int(i) for i in worst),
         tolerance=float(tolerance),

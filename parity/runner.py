@@ -10,8 +10,12 @@ import numpy as np
 from impls.adapters.base import Adapter, RopeSpec, Support
 from parity import diagnose
 from parity.cases import Case
-from parity.metrics import compare, error_by_position
+from parity.metrics import check_output, compare, error_by_position
 from parity.tolerance import tolerance_for
+
+class ImplementationError(RuntimeError):
+    """A user implementation that raised or returned something other than two real arrays."""
+
 
 USER_SIGNATURE = "rope(q, k, q_positions, k_positions, *, theta, rotary_dim) -> (q_rotated, k_rotated)"
 
@@ -42,7 +46,7 @@ class UserAdapter(Adapter):
             raise ValueError(f"--impl takes package.module:callable, got {target!r}.")
         try:
             module = importlib.import_module(module_name)
-        except ImportError as error:
+        except (ImportError, TypeError) as error:
             raise ValueError(
                 f"--impl {target!r}: cannot import {module_name!r} ({error}). Make sure it is on "
                 f"PYTHONPATH or installed."
@@ -60,8 +64,18 @@ class UserAdapter(Adapter):
 
     def rotate_pair(self, q, k, q_positions, k_positions, spec: RopeSpec, *, mode: str = "eager"):
         rotary_dim = spec.rotary_dim or q.shape[-1]
-        q_out, k_out = self.function(q, k, q_positions, k_positions, theta=spec.theta, rotary_dim=rotary_dim)
-        return _as_numpy(q_out), _as_numpy(k_out)
+        try:
+            result = self.function(q, k, q_positions, k_positions, theta=spec.theta, rotary_dim=rotary_dim)
+        except Exception as error:  # noqa: BLE001 - any failure of user code is reported, not raised
+            raise ImplementationError(f"{self.name} raised {type(error).__name__}: {error}") from error
+        if not isinstance(result, (tuple, list)) or len(result) != 2:
+            raise ImplementationError(
+                f"{self.name} returned {type(result).__name__}, expected a pair (q_rotated, k_rotated)."
+            )
+        try:
+            return tuple(check_output(_as_numpy(out), f"{self.name}'s {which}") for out, which in zip(result, ("q", "k")))
+        except ValueError as error:
+            raise ImplementationError(str(error)) from error
 
     def rotate(self, x, positions, spec, *, mode="eager"):
         return self.rotate_pair(x, x, positions, positions, spec, mode=mode)[0]
@@ -136,7 +150,17 @@ def compare_case(
 
     scale = float(max(np.abs(arrays["expected_q"]).max(), np.abs(arrays["expected_k"]).max()))
     tol, override = tolerance_for(adapter.name, case.dtype, entry["max_abs_position"], scale)
-    outputs = run_pieces(adapter, case, arrays, mode)
+    try:
+        outputs = run_pieces(adapter, case, arrays, mode)
+    except ImplementationError as error:
+        record.update(
+            verdict="fail",
+            tolerance=tol,
+            max_abs_error=float("inf"),
+            worst=str(error),
+            diagnosis={"matches": [], "harmless": [], "nearest": str(error), "nearest_error": float("inf")},
+        )
+        return record
 
     diagnosis = diagnose.assess(case, arrays, outputs, tol)
     for which in ("q", "k"):

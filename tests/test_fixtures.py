@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ import pytest
 
 from parity import fixtures
 from parity.cases import CASES
-from parity.fixtures import FixtureError, check, generate, load_case, load_manifest
+from parity.fixtures import FixtureError, check, generate, load_case, load_manifest, npz_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = CASES[:3]
@@ -219,3 +221,77 @@ def test_snapshot_drift_names_versions(tmp_path):
     assert message is not None
     assert "torch 2.12.0" in message
     assert f"torch {adapter.version()}" in message
+
+
+@pytest.mark.parametrize("file_name", ["../../outside.npz", "/tmp/outside.npz", "data/../../x.npz", "data/sub/x.npz"])
+def test_path_outside_data_rejected(tmp_path, file_name):
+    directory = _copy_fixtures(tmp_path)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["cases"][0]["file"] = file_name
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FixtureError, match=r"is not data/<name>.npz.*generate"):
+        load_manifest(directory)
+
+
+def test_symlinked_data_rejected(tmp_path):
+    directory = _copy_fixtures(tmp_path)
+    (directory / "data").rename(tmp_path / "elsewhere")
+    (directory / "data").symlink_to(tmp_path / "elsewhere")
+    entry = load_manifest(directory)["cases"][0]
+    with pytest.raises(FixtureError, match="symbolic link"):
+        load_case(entry["id"], directory)
+    with pytest.raises(FixtureError, match="symbolic link"):
+        generate(directory, SMALL, snapshots=False)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: m.pop("cases"), "'cases' is not a list"),
+        (lambda m: m.update(cases={"a": 1}), "'cases' is not a list"),
+        (lambda m: m["cases"][0].update(sha256=12345), "no string 'sha256'"),
+        (lambda m: m["cases"][0].update(arrays=[]), "no object of arrays"),
+        (lambda m: m.update(snapshots=[]), "'snapshots' is not an object"),
+        (lambda m: m.update(format_version=True), "format_version True"),
+    ],
+    ids=["no-cases", "cases-dict", "sha256-int", "arrays-list", "snapshots-list", "version-bool"],
+)
+def test_malformed_manifest_rejected(tmp_path, change, message):
+    directory = _copy_fixtures(tmp_path)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    change(manifest)
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FixtureError, match=rf"{message}.*generate"):
+        load_manifest(directory)
+
+
+def test_declared_shape_mismatch_rejected(tmp_path):
+    directory = tmp_path / "fixtures"
+    generate(directory, SMALL[:1], snapshots=False)
+    manifest = load_manifest(directory)
+    entry = manifest["cases"][0]
+    path = directory / entry["file"]
+    # A member whose header declares a huge array must be rejected before anything is allocated.
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (10**7, 10**7)})
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name in entry["arrays"]:
+            archive.writestr(f"{name}.npy", header.getvalue() + b"\0" * 64)
+    big = buffer.getvalue()
+    path.write_bytes(big)
+    entry["sha256"] = hashlib.sha256(big).hexdigest()
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FixtureError, match=r"cannot be read.*manifest declares.*generate"):
+        load_case(entry["id"], directory)
+
+
+def test_generate_keeps_unrelated_files(tmp_path):
+    directory = tmp_path / "fixtures"
+    (directory / "data" / "notes").mkdir(parents=True)
+    (directory / "data" / "my_notes.txt").write_text("keep me")
+    generate(directory, SMALL[:1], snapshots=False)
+    generate(directory, SMALL[1:2], snapshots=False)
+    assert (directory / "data" / "my_notes.txt").read_text() == "keep me"
+    assert (directory / "data" / "notes").is_dir()
+    assert len(list((directory / "data").glob("*.npz"))) == 1

@@ -9,6 +9,9 @@ import torch
 
 def to_torch(x: np.ndarray) -> torch.Tensor:
     """Return ``x`` as a torch tensor of the same dtype, bfloat16 included."""
+    if not x.flags.writeable:
+        # Read-only inputs (the goldens) are copied: torch tensors are always writable.
+        x = np.array(x)
     if x.dtype == ml_dtypes.bfloat16:
         # torch cannot read ml_dtypes arrays; the bit pattern is shared, so reinterpret it.
         return torch.from_numpy(np.ascontiguousarray(x).view(np.uint16).astype(np.int16)).view(torch.bfloat16)
