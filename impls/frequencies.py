@@ -16,6 +16,8 @@ The scaling types follow the definitions of ``transformers.modeling_rope_utils``
   beyond ``original_max_position_embeddings`` ``M``, the base becomes
   ``theta * (factor * L / M - (factor - 1)) ** (R / (R - 2))``. Below ``M`` nothing changes.
   The base depends on positions, so it is computed at call time (see :func:`dynamic_theta`).
+  transformers 5.x reads ``M`` for this type from ``config.max_position_embeddings``; here it
+  is the ``original_max_position_embeddings`` key of the scaling mapping.
 * ``yarn``: a ramp between interpolated (``inv_freq / factor``) and extrapolated frequencies
   over the dimensions between the correction range of ``beta_fast`` and ``beta_slow``
   rotations, with an attention factor ``0.1 * ln(factor) + 1`` that multiplies cos and sin.

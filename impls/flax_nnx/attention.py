@@ -12,6 +12,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
@@ -43,18 +44,32 @@ def dot_product_attention_with_rope(
           are equal (self-attention), and a ``ValueError`` asks for ``kv_positions`` otherwise;
         * without either, queries take ``0 .. Sq - 1`` and keys ``0 .. Sk - 1``.
 
-    The scores depend only on position differences, so a query block placed at positions
-    ``2 .. 5`` against keys at ``0 .. 5`` scores the same as those tokens in self-attention.
+    With ``R(p)`` the rotation of every pair by ``p * inv_freq`` and ``a`` the attention
+    factor of the scaling (1 except for yarn), the score of a query at position ``m`` and a key
+    at position ``n`` is
+
+        s(m, n) = a**2 * <R(m) q, R(n) k> / sqrt(D) = a**2 * <q, R(n - m) k> / sqrt(D),
+
+    because rotations are orthogonal. The scores depend only on position differences, so a
+    query block placed at positions ``2 .. 5`` against keys at ``0 .. 5`` scores the same as
+    those tokens in self-attention. Dynamic scaling is the exception: its frequencies follow
+    each row's largest position, which can differ between queries and keys.
 
     Remaining keyword arguments (``dropout_rng``, ``deterministic``, ``is_causal``, ...) go to
     ``nnx.dot_product_attention``.
 
     >>> import jax.numpy as jnp
-    >>> q = jnp.ones((1, 4, 2, 8)); kv = jnp.ones((1, 6, 2, 8))
-    >>> out = dot_product_attention_with_rope(
-    ...     q, kv, kv, rope=RoPE(), input_positions=jnp.arange(2, 6), kv_positions=jnp.arange(6))
-    >>> out.shape
+    >>> import numpy as np
+    >>> x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 6, 2, 8)), jnp.float32)
+    >>> full = dot_product_attention_with_rope(x, x, x, rope=RoPE(), is_causal=True)
+    >>> causal = jnp.arange(6)[None, :] <= jnp.arange(2, 6)[:, None]  # [4 queries, 6 keys]
+    >>> block = dot_product_attention_with_rope(
+    ...     x[:, 2:], x, x, mask=causal, rope=RoPE(),
+    ...     input_positions=jnp.arange(2, 6), kv_positions=jnp.arange(6))
+    >>> block.shape
     (1, 4, 2, 8)
+    >>> bool(jnp.allclose(block, full[:, 2:], atol=1e-5))
+    True
     """
     if kv_positions is None:
         if input_positions is not None:
@@ -146,6 +161,14 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
             )
 
         index = self.cache_index[...]
+        # lax.dynamic_update_slice clamps its start, so an overfull cache would silently
+        # overwrite its last slots. In an eager call the index is concrete, so this raises.
+        # NOTE: under jit the index is traced, and an overflow is not detected.
+        if not isinstance(index, jax.core.Tracer) and int(index) + chunk > max_length:
+            raise ValueError(
+                f"The decode cache has {max_length} slots and {int(index)} are filled, so {chunk} "
+                f"new tokens do not fit; call init_cache with a longer input_shape."
+            )
         if input_positions is None:
             positions = index + jnp.arange(chunk, dtype=jnp.int32)
         else:

@@ -14,6 +14,11 @@ and the pair ``(u, v)`` becomes
 where ``m`` is the attention factor of the scaling type (1 except for yarn). ``half_split``
 pairs feature ``i`` with ``i + R/2``; ``interleaved`` pairs ``2i`` with ``2i + 1``. Features
 ``R .. D-1`` pass through bit-identical.
+
+Precision: computed angles are float32 products, so they err by up to about ``1.2e-7 * |p|``
+radians (5e-4 at position 8191). Past ``|p| = 2**24`` float32 cannot even represent the
+position, and the output, though still a rotation that keeps every pair's length, no longer
+follows it. Cached tables are exact to float32 rounding at every tabulated position.
 """
 
 from __future__ import annotations
@@ -76,7 +81,7 @@ def _gather_rows(
     """Return ``table[positions]``, sharded like ``positions`` with the feature axis replicated.
 
     Under a mesh with explicit axes (the default of ``jax.make_mesh`` in jax 0.10), a gather
-    with sharded indices raises unless it is told its output sharding.
+    with sharded indices raises unless the call gives its output sharding.
     """
     sharding = jax.typeof(positions).sharding
     out_sharding = None
@@ -145,10 +150,12 @@ def rotate(
 class RoPE(nnx.Module):
     """Rotary position embedding for ``[*batch, seq, heads, head_dim]`` queries and keys.
 
-    The math is written out in the module docstring. Angles are always computed as a float32
+    The math is written out in the module docstring. Angles computed in a call are a float32
     broadcast multiply ``positions * inv_freq`` (float64 under x64 with float64 inputs), never
-    as a matmul or einsum, whose float32 precision drops to bf16 or TF32 passes on TPUs and
-    recent GPUs. Inverse frequencies are computed on the host in float64 and rounded once.
+    a matmul or einsum, whose float32 precision drops to bf16 or TF32 passes on TPUs and
+    recent GPUs. Inverse frequencies are computed on the host in float64 and rounded once,
+    except under dynamic scaling: its base depends on the positions, so the device computes
+    the frequencies in the same dtype as the angles.
 
     Tables of cos and sin are precomputed (as :class:`RopeTable`, not ``nnx.Param``) only when
     both ``embedding_size`` and ``max_seq_len`` are given. They are computed in float64 on the
