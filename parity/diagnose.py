@@ -158,14 +158,31 @@ def _max_error(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.abs(np.asarray(actual, np.float64) - expected).max())
 
 
-def assess(case: Case, arrays: dict, outputs: dict[str, np.ndarray], tolerance: float) -> dict:
+# Per case id: (label, predicted outputs, distance of the prediction from the oracle). The
+# predictions depend only on the case, so every implementation and mode reuses them.
+_PREDICTIONS: dict[str, list[tuple[str, dict[str, np.ndarray], float]]] = {}
+
+
+def _predictions(case: Case, arrays: dict) -> list[tuple[str, dict[str, np.ndarray], float]]:
+    if case.id not in _PREDICTIONS:
+        rows = []
+        for mistake in MISTAKES:
+            for variant in mistake.variants:
+                predicted = {which: variant(case, arrays, arrays[which], arrays[f"{which}_positions"], which) for which in ("q", "k")}
+                distance = max(_max_error(predicted[w], arrays[f"expected_{w}"]) for w in ("q", "k"))
+                rows.append((mistake.label, predicted, distance))
+        _PREDICTIONS[case.id] = rows
+    return _PREDICTIONS[case.id]
+
+
+def assess(case: Case, arrays: dict, outputs: dict[str, np.ndarray], tolerance: float, passed: bool = False) -> dict:
     """Return which mistakes reproduce ``outputs`` and which are harmless on this case.
 
     ``outputs`` maps ``"q"`` and ``"k"`` to the implementation's results. A mistake *matches*
     when one of its variants reproduces both within ``tolerance``. It is *harmless* when that
     variant equals the oracle here, because then the case cannot tell it from a correct result.
+    A ``passed`` comparison needs only the harmless list, so its matches are not computed.
     """
-    matches, harmless, nearest = [], [], (float("inf"), "")
     for which in ("q", "k"):
         output = np.asarray(outputs[which], np.float64)
         if output.shape == arrays[f"expected_{which}"].shape and not np.all(np.isfinite(output)):
@@ -173,26 +190,20 @@ def assess(case: Case, arrays: dict, outputs: dict[str, np.ndarray], tolerance: 
             bad = tuple(int(i) for i in np.argwhere(~np.isfinite(output))[0])
             return {"matches": [], "harmless": [], "nearest": f"the output contains NaN or inf at {which}{list(bad)}",
                     "nearest_error": float("inf")}
-    for mistake in MISTAKES:
-        for variant in mistake.variants:
-            error = 0.0
-            distance_to_truth = 0.0
-            for which in ("q", "k"):
-                predicted = variant(case, arrays, arrays[which], arrays[f"{which}_positions"], which)
-                error = max(error, _max_error(outputs[which], predicted))
-                distance_to_truth = max(distance_to_truth, _max_error(predicted, arrays[f"expected_{which}"]))
-            if error < nearest[0]:
-                nearest = (error, mistake.label)
-            if distance_to_truth <= tolerance:
-                harmless.append(mistake.label)
-            elif error <= tolerance:
-                matches.append(mistake.label)
-    return {
-        "matches": sorted(set(matches)),
-        "harmless": sorted(set(harmless)),
-        "nearest": nearest[1],
-        "nearest_error": nearest[0],
-    }
+
+    predictions = _predictions(case, arrays)
+    harmless = sorted({label for label, _, distance in predictions if distance <= tolerance})
+    if passed:
+        return {"matches": [], "harmless": harmless, "nearest": "", "nearest_error": float("inf")}
+
+    matches, nearest = set(), (float("inf"), "")
+    for label, predicted, distance in predictions:
+        error = max(_max_error(outputs[w], predicted[w]) for w in ("q", "k"))
+        if error < nearest[0]:
+            nearest = (error, label)
+        if distance > tolerance and error <= tolerance:
+            matches.add(label)
+    return {"matches": sorted(matches), "harmless": harmless, "nearest": nearest[1], "nearest_error": nearest[0]}
 
 
 def summarize(records: list[dict]) -> dict[str, str]:

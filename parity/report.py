@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import tempfile
 from collections import Counter
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from parity.diagnose import summarize
 
@@ -70,14 +74,53 @@ def summary_lines(records: list[dict]) -> list[str]:
     return lines
 
 
+def _strict_json(value: Any) -> Any:
+    """Return ``value`` with every non-finite float replaced by the string ``"nan"``, ``"inf"`` or ``"-inf"``."""
+    if isinstance(value, dict):
+        return {key: _strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(item) for item in value]
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        if not math.isfinite(value):
+            return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+def check_report_path(path: Path) -> None:
+    """Raise IsADirectoryError if the JSON report cannot go to ``path`` because it is a folder."""
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"The parity report path {path} is a folder; pass a file path such as {path / 'parity.json'}."
+        )
+
+
 def write_json(path: Path, records: list[dict]) -> None:
-    """Write the records and library versions as JSON, atomically."""
+    """Write the records and library versions as strict JSON, atomically.
+
+    JSON has no NaN or infinity, and ``json.dump`` would write the non-standard ``NaN`` and
+    ``Infinity`` that strict parsers reject. Such values (the error of a NaN or wrong-shape
+    output, for example) are written as the strings ``"nan"``, ``"inf"`` and ``"-inf"``,
+    which ``float()`` reads back.
+
+    Raises:
+        IsADirectoryError: ``path`` is an existing folder.
+    """
+    check_report_path(path)
     document = {"libraries": library_versions(), "records": sorted(records, key=lambda r: (r["impl"], r["case"], r["mode"]))}
+    text = json.dumps(_strict_json(document), indent=1, allow_nan=False)
+
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w") as stream:
-        json.dump(document, stream, indent=1)
-    os.replace(temporary, path)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        # Another error at the last step (a folder created meanwhile, a full disk) must not
+        # leave the temporary file behind.
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def write_plot(path: Path, records: list[dict]) -> None:

@@ -162,7 +162,6 @@ def compare_case(
         )
         return record
 
-    diagnosis = diagnose.assess(case, arrays, outputs, tol)
     for which in ("q", "k"):
         expected_shape = arrays[f"expected_{which}"].shape
         if outputs[which].shape != expected_shape:
@@ -171,12 +170,13 @@ def compare_case(
                 tolerance=tol,
                 max_abs_error=float("inf"),
                 worst=f"{which} has shape {outputs[which].shape}, expected {expected_shape}",
-                diagnosis=diagnosis,
+                diagnosis=diagnose.assess(case, arrays, outputs, tol),
             )
             return record
 
     metrics = {which: compare(outputs[which], arrays[f"expected_{which}"], tol) for which in ("q", "k")}
     passed = all(m.passed for m in metrics.values())
+    diagnosis = diagnose.assess(case, arrays, outputs, tol, passed=passed)
     worst = max(metrics, key=lambda which: metrics[which].max_abs_error)
     record.update(
         verdict="pass" if passed else "fail",

@@ -25,7 +25,7 @@ from impls.reference import rope_reference
 from impls.registry import ADAPTERS, AdapterUnavailable, load_adapter
 from parity.tolerance import EPS32, tolerance
 
-EXAMPLES = settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+EXAMPLES = settings(max_examples=4, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 ADAPTER_NAMES = [entry.name for entry in ADAPTERS]
 
 
