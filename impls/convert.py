@@ -34,6 +34,23 @@ def _check_positive_int(name: str, value: Any) -> int:
     return int(value)
 
 
+def _weight_shape(name: str, weight: Any) -> tuple[int, ...]:
+    if not hasattr(weight, "shape") or not (hasattr(weight, "take") or hasattr(weight, "index_select")):
+        raise TypeError(
+            f"{name} must be a NumPy, JAX or torch array, got {type(weight).__name__}; "
+            f"convert it with np.asarray first."
+        )
+    return tuple(weight.shape)
+
+
+def _check_axis(axis: Any, shape: tuple[int, ...]) -> int:
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+        raise TypeError(f"axis must be an int, got {axis!r} of type {type(axis).__name__}.")
+    if not -len(shape) <= axis < len(shape):
+        raise ValueError(f"axis={axis} is out of range for a weight of shape {shape}.")
+    return int(axis)
+
+
 def head_feature_permutation(
     num_heads: int, head_dim: int, *, rotary_dim: int | None = None, inverse: bool = False
 ) -> np.ndarray:
@@ -83,20 +100,37 @@ def permute_heads(
         source: pairing the weight was trained with, ``"interleaved"`` or ``"half_split"``.
         target: pairing it should work with.
         rotary_dim: rotated features per head (even); default the whole head.
-        axis: the output-feature axis of ``weight``.
+        axis: the output-feature axis of ``weight``. For a kernel ``[in, heads, head_dim]``
+            (Flax ``LinearGeneral``) or a bias ``[heads, head_dim]``, where every head has its
+            own row, pass ``axis=-1`` with ``num_heads=1``.
 
     Raises:
+        TypeError: a weight that is not an array, or an axis that is not an int.
         ValueError: unknown pairing, an axis outside ``weight``, a size along ``axis`` that
-            ``num_heads`` does not divide, or an odd head size or rotary_dim.
+            ``num_heads`` does not divide, an odd head size or rotary_dim, or a kernel whose
+            axis -2 has ``num_heads`` entries while ``num_heads`` splits axis -1.
+
+    NOTE: the kernel check needs at least 3 axes. A 2-D bias ``[heads, head_dim]`` with
+    ``num_heads=heads`` cannot be told from a kernel ``[in, heads * head_dim]`` whose ``in``
+    equals ``heads``, so it is permuted wrongly without an error.
     """
     for name, pairing in (("source", source), ("target", target)):
         if pairing not in PAIRINGS:
             raise ValueError(f"Unknown {name} pairing {pairing!r}. Valid pairings: {', '.join(PAIRINGS)}.")
 
-    shape = tuple(weight.shape)
-    if not -len(shape) <= axis < len(shape):
-        raise ValueError(f"axis={axis} is out of range for a weight of shape {shape}.")
+    shape = _weight_shape("weight", weight)
+    axis = _check_axis(axis, shape)
     num_heads = _check_positive_int("num_heads", num_heads)
+    # A Flax LinearGeneral kernel [..., in, heads, head_dim] keeps each head on its own axis.
+    # Splitting its last axis into num_heads blocks would permute inside those blocks, which
+    # is wrong, and raises nothing whenever the block size is even.
+    if len(shape) >= 3 and axis in (-1, len(shape) - 1) and num_heads > 1 and shape[-2] == num_heads:
+        raise ValueError(
+            f"weight of shape {shape} looks like a [in, heads, head_dim] kernel with its "
+            f"{num_heads} heads on axis -2, but num_heads={num_heads} splits axis -1 into heads. "
+            f"Pass num_heads=1 with axis=-1 to permute each head's features, or reshape the "
+            f"weight to [in, heads * head_dim] first."
+        )
     size = shape[axis]
     if size % num_heads:
         raise ValueError(
@@ -138,6 +172,7 @@ def convert_query_key_weights(
     give heads of one size, and ``num_heads`` must be a multiple of ``num_kv_heads``.
 
     Raises:
+        TypeError: the type checks of :func:`permute_heads`.
         ValueError: the checks of :func:`permute_heads`, or query and key head sizes that
             differ, or ``num_heads`` not a multiple of ``num_kv_heads``.
     """
@@ -149,7 +184,9 @@ def convert_query_key_weights(
             f"(each key/value head serves num_heads / num_kv_heads query heads)."
         )
 
-    query_size, key_size = query_weight.shape[axis], key_weight.shape[axis]
+    query_axis = _check_axis(axis, _weight_shape("query_weight", query_weight))
+    key_axis = _check_axis(axis, _weight_shape("key_weight", key_weight))
+    query_size, key_size = query_weight.shape[query_axis], key_weight.shape[key_axis]
     if query_size % num_heads == 0 and key_size % num_kv_heads == 0:
         query_head_dim, key_head_dim = query_size // num_heads, key_size // num_kv_heads
         if query_head_dim != key_head_dim:

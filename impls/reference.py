@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from impls.frequencies import (
@@ -43,13 +44,41 @@ from impls.frequencies import (
 )
 
 
-def _check_positions(x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+_INT64 = np.iinfo(np.int64)
+
+
+def _as_int64(positions: np.ndarray) -> np.ndarray:
+    """Return integer ``positions`` as int64, rejecting values that int64 cannot hold."""
     positions = np.asarray(positions)
     if not np.issubdtype(positions.dtype, np.integer):
         raise TypeError(
             f"positions must be integers, got dtype {positions.dtype}; round them and cast "
             f"with positions.astype(np.int64)."
         )
+    # astype(np.int64) wraps uint64 values above 2**63 - 1 to negative positions.
+    if positions.dtype == np.uint64 and positions.size and positions.max() > _INT64.max:
+        raise ValueError(
+            f"positions contains {int(positions.max())}, above the int64 maximum {_INT64.max} "
+            f"that the oracle computes with; pass positions of at most {_INT64.max}."
+        )
+    return positions.astype(np.int64)
+
+
+def _is_real_floating(dtype: np.dtype) -> bool:
+    if dtype.kind == "f":
+        return True
+    if dtype.kind != "V":
+        return False
+    # ml_dtypes floats (bfloat16, float8_*) have NumPy kind "V"; its finfo rejects the rest.
+    try:
+        ml_dtypes.finfo(dtype)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_positions(x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    positions = _as_int64(positions)
     batch_seq = x.shape[:-2]
     if positions.shape == batch_seq[-1:]:
         positions = np.broadcast_to(positions, batch_seq)
@@ -58,7 +87,7 @@ def _check_positions(x: np.ndarray, positions: np.ndarray) -> np.ndarray:
             f"positions has shape {positions.shape} but x of shape {x.shape} needs [seq] = "
             f"{batch_seq[-1:]} or [batch, seq] = {batch_seq}."
         )
-    return positions.astype(np.int64)
+    return positions
 
 
 def rotation_angles(
@@ -73,11 +102,13 @@ def rotation_angles(
     one row never changes another's angles.
     """
     scaling = Scaling.from_config(scaling)
-    positions = np.asarray(positions, dtype=np.int64)
+    positions = _as_int64(positions)
 
     if scaling.rope_type == "dynamic":
-        # [..., 1]: one base per row, from that row's largest position.
-        row_length = positions.max(axis=-1, keepdims=True) + 1
+        # [..., 1]: one base per row, from that row's largest position. The initial value
+        # changes no real maximum, and it gives an empty row the base theta instead of a
+        # reduction error.
+        row_length = positions.max(axis=-1, keepdims=True, initial=_INT64.min) + 1
         base = dynamic_theta(theta, rotary_dim, scaling, row_length)
         exponents = np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim
         inv_freq = 1.0 / (base[..., None] ** exponents)  # [..., 1, R/2]
@@ -99,8 +130,9 @@ def rope_reference(
     """Rotate ``x`` of shape ``[B, S, H, D]`` by integer ``positions`` of shape ``[B, S]`` or ``[S]``.
 
     Args:
-        x: queries or keys, any floating dtype; computed in float64.
-        positions: integer positions, any values (negative ones rotate backwards).
+        x: queries or keys, any real floating dtype (bfloat16 included); computed in float64.
+        positions: integer positions, any values that int64 holds (negative ones rotate
+            backwards).
         theta: the RoPE base, > 0.
         pairing: ``"half_split"`` or ``"interleaved"``.
         rotary_dim: number of leading features to rotate (even, <= D); default D.
@@ -108,8 +140,17 @@ def rope_reference(
 
     Returns:
         float64 array of the shape of ``x``.
+
+    Raises:
+        TypeError: ``x`` not of a real floating dtype, or positions not integers.
+        ValueError: uint64 positions above the int64 maximum, or a shape, pairing, theta,
+            rotary_dim or scaling that is invalid.
     """
     x = np.asarray(x)
+    # astype(np.float64) below would drop an imaginary part with only a ComplexWarning, and
+    # integer or bool x is a caller's mistake that the Flax module rejects too.
+    if not _is_real_floating(x.dtype):
+        raise TypeError(f"x must be a real floating-point array such as float32 or float64, got dtype {x.dtype}.")
     if x.ndim < 3:
         raise ValueError(f"x must be [batch, seq, heads, head_dim] or [seq, heads, head_dim], got shape {x.shape}.")
     if pairing not in PAIRINGS:

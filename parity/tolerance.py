@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import ml_dtypes
 import numpy as np
 
 from impls.adapters.base import numpy_dtype
@@ -53,7 +54,8 @@ def output_epsilon(dtype: str) -> float:
     """Return the machine epsilon of a low-precision output dtype, 0 for float32 and float64."""
     if dtype in ("float32", "float64"):
         return 0.0
-    return float(np.finfo(numpy_dtype(dtype)).eps)
+    # ml_dtypes.finfo, unlike np.finfo before ml_dtypes 0.7, also knows bfloat16.
+    return float(ml_dtypes.finfo(numpy_dtype(dtype)).eps)
 
 
 def tolerance(dtype: str, max_position: int, scale: float) -> float:

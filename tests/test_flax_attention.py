@@ -464,3 +464,101 @@ def test_decode_without_cache_message():
         mha(jnp.ones((2, 1, IN_FEATURES)), decode=True)
 
     assert "call init_cache(input_shape) first" in str(info.value)
+
+
+def test_decode_overflow_under_jit_is_nan():
+    # Under jit the cache index is traced and cannot raise, so an overflowing call, and every
+    # call after it, returns NaN instead of attending to overwritten slots.
+    mha = make_mha(dtype=jnp.float32)
+    mha.init_cache((2, 4, IN_FEATURES))
+    inputs = jnp.asarray(random_array((2, 6, IN_FEATURES), 0, np.float32))
+
+    fitting = decode_step(mha, inputs[:, :3], None, None)
+    overflowing = decode_step(mha, inputs[:, 3:5], None, None)
+    later = decode_step(mha, inputs[:, 5:6], None, None)
+
+    assert np.isfinite(fitting).all()
+    assert np.isnan(overflowing).all()
+    assert np.isnan(later).all()
+    assert int(mha.cache_index[...]) == 6
+
+
+def test_decode_chunk_longer_than_cache_under_jit():
+    mha = make_mha(dtype=jnp.float32)
+    mha.init_cache((2, 4, IN_FEATURES))
+
+    with pytest.raises(ValueError) as info:
+        decode_step(mha, jnp.ones((2, 5, IN_FEATURES)), None, None)
+
+    message = str(info.value)
+    assert "4 slots" in message
+    assert "5 new tokens never fit" in message
+    assert "longer input_shape" in message
+    assert int(mha.cache_index[...]) == 0
+
+
+# (id, call on a decode-mode module with a cache of length 4 and batch 2, fragments), each of
+# which fails only after the new keys were computed.
+LATE_DECODE_ERRORS = [
+    ("query-key-lengths", lambda mha: mha(jnp.ones((2, 2, IN_FEATURES)), jnp.ones((2, 3, IN_FEATURES)), decode=True),
+     ["inputs_q has 2 tokens", "inputs_k has 3"]),
+    ("rope-head-size", None, ["x.shape[-1] = 8", "embedding_size = 4"]),
+]
+
+
+@pytest.mark.parametrize(
+    "call, fragments", [case[1:] for case in LATE_DECODE_ERRORS], ids=[case[0] for case in LATE_DECODE_ERRORS]
+)
+def test_failed_decode_leaves_cache_unchanged(call, fragments):
+    mha = make_mha(dtype=jnp.float32)
+    if call is None:
+        # The RoPE raises inside the attention function, after the cache was extended.
+        mha.rope = RoPE(embedding_size=4, max_seq_len=8)
+        call = lambda module: module(jnp.ones((2, 1, IN_FEATURES)), decode=True)  # noqa: E731
+    mha.init_cache((2, 4, IN_FEATURES))
+    before = jax.tree.map(np.asarray, nnx.state(mha, nnx.Cache))
+
+    with pytest.raises(ValueError) as info:
+        call(mha)
+
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message
+    after = jax.tree.map(np.asarray, nnx.state(mha, nnx.Cache))
+    assert int(mha.cache_index[...]) == 0
+    jax.tree.map(np.testing.assert_array_equal, after, before)
+
+
+def test_decode_positions_outside_int32_rejected(x64):
+    # The cache stores positions as int32 also under x64, where 2**32 + 1 would wrap to 1.
+    mha = make_mha()
+    mha.init_cache((2, 4, IN_FEATURES))
+
+    with pytest.raises(ValueError) as info:
+        mha(jnp.ones((2, 1, IN_FEATURES)), decode=True, input_positions=np.array([2**32 + 1]))
+
+    message = str(info.value)
+    assert "4294967297" in message
+    assert "int32 range" in message
+    assert int(mha.cache_index[...]) == 0
+
+
+def test_decode_bool_positions_message():
+    mha = make_mha(dtype=jnp.float32)
+    mha.init_cache((2, 4, IN_FEATURES))
+
+    with pytest.raises(TypeError) as info:
+        mha(jnp.ones((2, 1, IN_FEATURES)), decode=True, input_positions=np.array([True]))
+
+    assert "got dtype bool" in str(info.value)
+    assert "Float positions" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["inputs_k", "inputs_v"])
+def test_mha_kv_feature_size_message(name):
+    mha = make_mha(dtype=jnp.float32)
+    inputs = {"inputs_k": jnp.ones((2, 3, IN_FEATURES)), "inputs_v": jnp.ones((2, 3, IN_FEATURES))}
+    inputs[name] = jnp.ones((2, 3, 8))
+
+    with pytest.raises(ValueError, match=rf"{name} has 8 features but this module expects in_kv_features = 16"):
+        mha(jnp.ones((2, 3, IN_FEATURES)), **inputs, kv_positions=jnp.arange(3))

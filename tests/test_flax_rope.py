@@ -15,10 +15,11 @@ import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from impls.adapters.base import numpy_dtype
 from impls.frequencies import SCALING_TYPES, Scaling, interleaved_to_half_split
-from impls.flax_nnx import RoPE
+from impls.flax_nnx import RoPE, rotate
 from impls.reference import rope_reference
 
 TABLE_LENGTH = 64
@@ -409,3 +410,111 @@ def test_bad_input_message(make, error, fragments):
     message = str(info.value)
     for fragment in fragments:
         assert fragment in message
+
+
+def test_bool_positions_message_names_dtype():
+    with pytest.raises(TypeError) as info:
+        RoPE()(jnp.ones((1, 2, 1, 8)), np.array([True, False]))
+
+    message = str(info.value)
+    assert "got dtype bool" in message
+    assert "astype(jnp.int32)" in message
+    assert "Float positions" not in message
+
+
+@pytest.mark.parametrize(
+    "positions", [np.array([1, 2**32 + 1]), [1, 2**31], np.array([1, -(2**31) - 1]), np.array([1, 2**63], np.uint64)],
+    ids=["int64-array", "python-list", "int64-below-min", "uint64-array"],
+)
+def test_positions_outside_int32_rejected(positions):
+    # Without x64, JAX keeps int64 in 32 bits, and 2**32 + 1 would rotate as position 1.
+    with pytest.raises(ValueError) as info:
+        RoPE()(jnp.ones((1, 2, 1, 8)), positions)
+
+    message = str(info.value)
+    assert str(np.asarray(positions)[1]) in message
+    assert "int32 range" in message
+    assert "jax_enable_x64" in message
+
+
+def test_int64_positions_exact_under_x64(rope_tolerance):
+    x = random_x((1, 2, 1, 8), "float64")
+    positions = np.array([1, 2**32 + 1])
+
+    with jax.enable_x64(True):
+        out = np.asarray(RoPE()(jnp.asarray(x), positions))
+
+    atol = rope_tolerance(x, positions, "float64")
+    np.testing.assert_allclose(out, rope_reference(x, positions), rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_restored_short_table_rejected(jit):
+    # A state restored from a RoPE with 16 table rows would read row 15 for position 100.
+    rope = RoPE(embedding_size=8, max_seq_len=4096)
+    nnx.update(rope, nnx.state(RoPE(embedding_size=8, max_seq_len=16)))
+    call = nnx.jit(lambda module, x, p: module(x, p)) if jit else (lambda module, x, p: module(x, p))
+
+    with pytest.raises(ValueError) as info:
+        call(rope, jnp.ones((1, 1, 1, 8)), jnp.array([100]))
+
+    message = str(info.value)
+    assert "shape (16, 4)" in message
+    assert "max_seq_len=4096" in message
+    assert "(4096, 4)" in message
+
+
+def test_rotate_rejects_unknown_pairing():
+    cos, sin = RoPE().tables(jnp.arange(4), 8)
+
+    with pytest.raises(ValueError, match=r"Unknown pairing 'HALF_SPLIT'\. Valid pairings: half_split, interleaved\."):
+        rotate(jnp.ones((1, 4, 1, 8)), cos, sin, "HALF_SPLIT")
+
+
+def test_rotate_rejects_tables_wider_than_head():
+    cos, sin = RoPE().tables(jnp.arange(4), 16)
+
+    with pytest.raises(ValueError, match=r"8 frequencies, which rotate 16 features, but x has only 8"):
+        rotate(jnp.ones((1, 4, 1, 8)), cos, sin)
+
+
+def test_tables_reject_odd_rotary_dim():
+    with pytest.raises(ValueError, match=r"rotary_dim must be a positive even number .* got rotary_dim=3"):
+        RoPE().tables(jnp.arange(4), 3)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_dynamic_empty_sequence(jit):
+    rope = RoPE(scaling=SCALINGS["dynamic"])
+    x = jnp.ones((2, 0, 3, 8))
+    call = jax.jit(rope) if jit else rope
+
+    out = call(x)
+    expected = rope_reference(np.ones((2, 0, 3, 8)), np.zeros((2, 0), np.int64), scaling=SCALINGS["dynamic"])
+
+    assert out.shape == (2, 0, 3, 8)
+    assert expected.shape == (2, 0, 3, 8)
+
+
+def test_oracle_rejects_uint64_above_int64():
+    # astype(np.int64) would turn 2**64 - 1 into position -1.
+    positions = np.array([0, 2**64 - 1], np.uint64)
+
+    with pytest.raises(ValueError, match=r"positions contains 18446744073709551615, above the int64 maximum"):
+        rope_reference(np.ones((1, 2, 1, 8)), positions)
+
+
+@pytest.mark.parametrize("dtype", [np.complex128, np.int32, np.bool_])
+def test_oracle_rejects_non_float_x(dtype):
+    x = np.ones((1, 2, 1, 8), dtype)
+
+    with pytest.raises(TypeError, match=rf"x must be a real floating-point array .* got dtype {np.dtype(dtype)}"):
+        rope_reference(x, np.arange(2))
+
+
+def test_oracle_accepts_bfloat16_x():
+    x = random_x((1, 2, 1, 8), "bfloat16")
+
+    out = rope_reference(x, np.arange(2))
+
+    np.testing.assert_array_equal(out, rope_reference(x.astype(np.float64), np.arange(2)))

@@ -18,7 +18,7 @@ from flax import nnx
 from jax import lax
 from jaxtyping import Array, Bool, Float, Integer
 
-from impls.flax_nnx.rope import RoPE
+from impls.flax_nnx.rope import RoPE, as_positions
 
 
 def dot_product_attention_with_rope(
@@ -107,7 +107,16 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
     The cache stores keys before rotation together with their positions, and the attention
     function rotates them at those positions, so a key rotates exactly as in a full pass.
     Each new token takes its position from ``input_positions`` when given (per row, so a
-    left-padded batch decodes right) and from the cache index otherwise.
+    left-padded batch decodes right) and from the cache index otherwise. A call that raises
+    leaves the cache unchanged.
+
+    New tokens that do not fit into the cache raise a ValueError in eager calls, and under jit
+    when the chunk alone is longer than the cache.
+    NOTE: under jit the cache index is traced and cannot raise, so a chunk that overflows the
+    remaining slots returns an output that is NaN everywhere. The index still advances, so
+    every later call also returns NaN until :meth:`init_cache`. The cache contents are then
+    undefined, because ``lax.dynamic_update_slice`` clamps its start and overwrites the last
+    slots.
 
     >>> import jax.numpy as jnp
     >>> from flax import nnx
@@ -146,9 +155,16 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
             kwargs["kv_positions"] = kv_positions
         return kwargs
 
-    def _update_cache(
-        self, key: Array, value: Array, mask: Array | None, input_positions: Array | None
-    ) -> tuple[Array, Array, Array, Array, Array]:
+    def _extend_cache(
+        self, query: Array, key: Array, value: Array, mask: Array | None, input_positions: Array | None
+    ) -> tuple[Array, Array, Array, Array, Array, Array | None, Callable[[], None]]:
+        """Return the cache extended by the new tokens, without storing it yet.
+
+        Returns the keys, values, mask and positions for the attention function, a traced
+        overflow flag (None in eager calls, which raise instead) and a function that stores
+        the extended cache. The caller stores it only after the attention succeeded, so a
+        call that raises leaves the cache as it was.
+        """
         if self.cached_key is None or self.cached_value is None or self.cache_index is None:
             raise ValueError("The decode cache is not initialized: call init_cache(input_shape) first.")
 
@@ -159,12 +175,27 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
                 f"Decode input gives keys of shape {key.shape}, which do not fit the cache of "
                 f"shape {self.cached_key.shape}: batch and head axes must match."
             )
+        if query.shape[-3] != chunk:
+            raise ValueError(
+                f"Decoding takes the same new tokens as queries and keys, but inputs_q has "
+                f"{query.shape[-3]} tokens and inputs_k has {chunk}; pass inputs_k of the same "
+                f"length, or leave it unset."
+            )
 
         index = self.cache_index[...]
         # lax.dynamic_update_slice clamps its start, so an overfull cache would silently
-        # overwrite its last slots. In an eager call the index is concrete, so this raises.
-        # NOTE: under jit the index is traced, and an overflow is not detected.
-        if not isinstance(index, jax.core.Tracer) and int(index) + chunk > max_length:
+        # overwrite its last slots. An eager call has a concrete index and raises. Under jit
+        # only a chunk longer than the whole cache is known at trace time, and any other
+        # overflow is returned as a flag that makes the caller's output NaN.
+        overflow = None
+        if isinstance(index, jax.core.Tracer):
+            if chunk > max_length:
+                raise ValueError(
+                    f"The decode cache has {max_length} slots, so {chunk} new tokens never fit; "
+                    f"call init_cache with a longer input_shape."
+                )
+            overflow = index + chunk > max_length
+        elif int(index) + chunk > max_length:
             raise ValueError(
                 f"The decode cache has {max_length} slots and {int(index)} are filled, so {chunk} "
                 f"new tokens do not fit; call init_cache with a longer input_shape."
@@ -172,12 +203,8 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
         if input_positions is None:
             positions = index + jnp.arange(chunk, dtype=jnp.int32)
         else:
-            positions = jnp.asarray(input_positions)
-            if not jnp.issubdtype(positions.dtype, jnp.integer):
-                raise TypeError(
-                    f"input_positions must be integers, got dtype {positions.dtype}; "
-                    f"pass input_positions.astype(jnp.int32)."
-                )
+            # The cache stores positions as int32, also under x64.
+            positions = as_positions(input_positions, "input_positions", jnp.int32)
             if positions.shape not in ((chunk,), (*batch_dims, chunk)):
                 raise ValueError(
                     f"input_positions has shape {positions.shape}, but {chunk} new tokens need "
@@ -192,16 +219,18 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
         cached_positions = lax.dynamic_update_slice(
             self.cached_positions[...], positions, (zero,) * len(batch_dims) + (index,)
         )
-        self.cached_key[...] = cached_key
-        self.cached_value[...] = cached_value
-        self.cached_positions[...] = cached_positions
-        self.cache_index[...] = index + chunk
+
+        def store() -> None:
+            self.cached_key[...] = cached_key
+            self.cached_value[...] = cached_value
+            self.cached_positions[...] = cached_positions
+            self.cache_index[...] = index + chunk
 
         # [Sq, max_length]: new token i sees cache slots up to index + i, never unwritten ones.
         visible = jnp.arange(max_length)[None, :] <= (index + jnp.arange(chunk))[:, None]
         visible = jnp.broadcast_to(visible, (*batch_dims, 1, chunk, max_length))
         mask = visible if mask is None else jnp.logical_and(mask, visible)
-        return cached_key, cached_value, mask, positions, cached_positions
+        return cached_key, cached_value, mask, positions, cached_positions, overflow, store
 
     def __call__(
         self,
@@ -237,6 +266,12 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
                 f"inputs_q has {inputs_q.shape[-1]} features but this module expects "
                 f"in_features = {self.in_features}."
             )
+        for name, inputs in (("inputs_k", inputs_k), ("inputs_v", inputs_v)):
+            if inputs.shape[-1] != self.in_kv_features:
+                raise ValueError(
+                    f"{name} has {inputs.shape[-1]} features but this module expects "
+                    f"in_kv_features = {self.in_kv_features}."
+                )
 
         query = self.query(inputs_q, out_sharding=qkv_sharding)  # [*B, Sq, H, D]
         key = self.key(inputs_k, out_sharding=qkv_sharding)  # [*B, Sk, Hkv, D]
@@ -250,14 +285,15 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
             self.decode,
             error_msg="No decode argument was given to MultiHeadAttention, in the call or the constructor.",
         )
+        overflow = store_cache = None
         if decode:
             if kv_positions is not None:
                 raise ValueError(
                     "kv_positions cannot be given with decode=True: keys come from the cache, "
                     "which stores each key's position. Pass input_positions for the new tokens."
                 )
-            key, value, mask, input_positions, kv_positions = self._update_cache(
-                key, value, mask, input_positions
+            key, value, mask, input_positions, kv_positions, overflow, store_cache = self._extend_cache(
+                query, key, value, mask, input_positions
             )
             if not _accepts_positions(self.attention_fn) and self.rope is None:
                 # An attention function without positions cannot be told where the cache is.
@@ -292,4 +328,9 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
             is_causal=is_causal,
             **self._attention_kwargs(input_positions, kv_positions),
         )
-        return self.out(x, out_sharding=out_sharding)
+        out = self.out(x, out_sharding=out_sharding)
+        if store_cache is not None:
+            store_cache()
+        if overflow is not None:
+            out = jnp.where(overflow, jnp.nan, out)
+        return out

@@ -90,15 +90,53 @@ def _gather_rows(
     return table.at[positions].get(mode="clip", out_sharding=out_sharding)
 
 
-def _check_positions(
-    x_shape: tuple[int, ...], positions: Integer[Array, "..."], name: str
-) -> Integer[Array, "*batch seq"]:
+def as_positions(positions: Any, name: str, dtype: Any = None) -> Integer[Array, "..."]:
+    """Convert ``positions`` to a JAX integer array, rejecting values that would wrap.
+
+    ``dtype`` is the integer dtype the caller stores the positions in. By default it is the
+    dtype JAX stores them in: without x64, JAX keeps int64 and uint64 in 32 bits and wraps
+    larger values silently, so a position above ``2**31 - 1`` would rotate as another one.
+    Concrete values are checked. Traced values cannot be, and they wrap.
+    """
+    if not isinstance(positions, jax.Array):
+        positions = np.asarray(positions)
+    if positions.dtype.kind in "iu" and not isinstance(positions, jax.core.Tracer):
+        stored = np.dtype(jax.dtypes.canonicalize_dtype(positions.dtype) if dtype is None else dtype)
+        if not np.can_cast(positions.dtype, stored, "safe") and positions.size:
+            _check_position_range(np.asarray(positions), stored, name, x64_helps=dtype is None)
+
     positions = jnp.asarray(positions)
-    if not jnp.issubdtype(positions.dtype, jnp.integer):
+    if jnp.issubdtype(positions.dtype, jnp.floating):
         raise TypeError(
             f"{name} must be integers, got dtype {positions.dtype}. Float positions lose "
             f"exactness (bfloat16 rounds 257 to 256); pass {name}.astype(jnp.int32)."
         )
+    if not jnp.issubdtype(positions.dtype, jnp.integer):
+        raise TypeError(
+            f"{name} must be integers, got dtype {positions.dtype}; pass {name}.astype(jnp.int32)."
+        )
+    return positions
+
+
+def _check_position_range(positions: np.ndarray, stored: np.dtype, name: str, *, x64_helps: bool) -> None:
+    limits = np.iinfo(stored)
+    low, high = positions.min(), positions.max()
+    if limits.min <= low and high <= limits.max:
+        return
+    value = int(low) if low < limits.min else int(high)
+    hint = "pass positions inside that range"
+    if x64_helps and not jax.config.jax_enable_x64:
+        hint = f"enable x64 with jax.config.update('jax_enable_x64', True), or {hint}"
+    raise ValueError(
+        f"{name} contains {value}, outside the {stored} range [{limits.min}, {limits.max}] "
+        f"that stores these {positions.dtype} positions, so it would wrap silently; {hint}."
+    )
+
+
+def _check_positions(
+    x_shape: tuple[int, ...], positions: Integer[Array, "..."], name: str
+) -> Integer[Array, "*batch seq"]:
+    positions = as_positions(positions, name)
     batch_seq = x_shape[:-2]
     if positions.shape == batch_seq[-1:]:
         return jnp.broadcast_to(positions, batch_seq)
@@ -120,9 +158,22 @@ def rotate(
 
     The arithmetic runs in float32 (float64 for float64 inputs) and the result is rounded
     once to ``x.dtype``.
+
+    Raises:
+        ValueError: an unknown ``pairing``, ``cos`` and ``sin`` of different shapes, or tables
+            wider than half the head size.
     """
+    if pairing not in PAIRINGS:
+        raise ValueError(f"Unknown pairing {pairing!r}. Valid pairings: {', '.join(PAIRINGS)}.")
+    if cos.shape != sin.shape:
+        raise ValueError(f"cos has shape {cos.shape} but sin has shape {sin.shape}; they must match.")
     rotary_dim = 2 * cos.shape[-1]
     head_dim = x.shape[-1]
+    if rotary_dim > head_dim:
+        raise ValueError(
+            f"The tables have {cos.shape[-1]} frequencies, which rotate {rotary_dim} features, but "
+            f"x has only {head_dim}; compute the tables for rotary_dim <= {head_dim}."
+        )
     compute_dtype = _compute_dtype(x.dtype)
 
     rotated = x[..., :rotary_dim].astype(compute_dtype)
@@ -251,6 +302,21 @@ class RoPE(nnx.Module):
                 f"scaling type."
             )
 
+    def _check_table_shapes(self, cos_table: Array, sin_table: Array, table_dim: int) -> None:
+        # A state restored with nnx.update or from a checkpoint can replace the tables with
+        # ones of another length, and the clamped gather would then read the last row for
+        # positions between the table length and max_seq_len.
+        expected = (self.max_seq_len, table_dim // 2)
+        for name, table in (("cos", cos_table), ("sin", sin_table)):
+            if table.shape != expected:
+                raise ValueError(
+                    f"The {name} table has shape {table.shape}, but this RoPE has max_seq_len="
+                    f"{self.max_seq_len} and rotates {table_dim} features, which need {expected}. "
+                    f"The tables were probably restored from a RoPE built with other sizes; "
+                    f"build this RoPE with max_seq_len={table.shape[0]} and matching sizes, or "
+                    f"restore a state of the same configuration."
+                )
+
     def _inv_freq_f64(self, rotary_dim: int) -> np.ndarray:
         return inverse_frequencies(rotary_dim, self.theta, self.scaling)
 
@@ -275,7 +341,10 @@ class RoPE(nnx.Module):
         if self.scaling.rope_type == "dynamic":
             # [*B, 1]: one base per row, from that row's largest position, so rows of one batch
             # never change each other's frequencies.
-            row_length = positions.max(axis=-1, keepdims=True).astype(dtype) + 1
+            # The initial value is the dtype's minimum, so it changes no real maximum and an
+            # empty sequence gets the base theta instead of a reduction error.
+            lowest = jnp.iinfo(positions.dtype).min
+            row_length = positions.max(axis=-1, keepdims=True, initial=lowest).astype(dtype) + 1
             factor = self.scaling.params["factor"]
             original = self.scaling.params["original_max_position_embeddings"]
             length = jnp.maximum(row_length, original)
@@ -308,6 +377,7 @@ class RoPE(nnx.Module):
         prevent it, because XLA:CPU removes barriers before fusion.
         """
         dtype = _compute_dtype(dtype)
+        rotary_dim = validate_rotary_dim(rotary_dim)
         self._check_dynamic_rotary_dim(rotary_dim)
 
         def compute(positions):
@@ -329,6 +399,7 @@ class RoPE(nnx.Module):
             return _cond(not_minimum, compute, compute, positions)
 
         cos_table, sin_table = self.cos[...], self.sin[...]
+        self._check_table_shapes(cos_table, sin_table, table_dim)
         in_table = jnp.all((positions >= 0) & (positions < self.max_seq_len))
 
         def lookup(positions):
@@ -349,7 +420,13 @@ class RoPE(nnx.Module):
         """Rotate ``x`` by ``input_positions`` (default ``0 .. seq - 1``).
 
         ``input_positions`` may be ``[seq]`` (shared by every example) or ``[*batch, seq]``
-        (per example, as packing and left padding need), with any integer values.
+        (per example, as packing and left padding need), with any integer values that JAX can
+        store: without x64 that is the int32 range, and NumPy or Python positions outside it
+        raise a ValueError.
+
+        NOTE: under ``jax.jit`` the positions are traced, so this check cannot run. jit itself
+        converts int64 NumPy arguments to int32 without x64, and values outside the int32
+        range wrap silently.
         """
         if x.ndim < 3:
             raise ValueError(
