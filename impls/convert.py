@@ -37,8 +37,8 @@ def _check_positive_int(name: str, value: Any) -> int:
 def _weight_shape(name: str, weight: Any) -> tuple[int, ...]:
     if not hasattr(weight, "shape") or not (hasattr(weight, "take") or hasattr(weight, "index_select")):
         raise TypeError(
-            f"{name} must be a NumPy, JAX or torch array, got {type(weight).__name__}; "
-            f"convert it with np.asarray first."
+            f"{name} must be a NumPy, JAX or torch array, got {type(weight).__name__}. "
+            f"Convert it with np.asarray first."
         )
     return tuple(weight.shape)
 

@@ -59,7 +59,7 @@ def _as_int64(positions: np.ndarray) -> np.ndarray:
     if positions.dtype == np.uint64 and positions.size and positions.max() > _INT64.max:
         raise ValueError(
             f"positions contains {int(positions.max())}, above the int64 maximum {_INT64.max} "
-            f"that the oracle computes with; pass positions of at most {_INT64.max}."
+            f"that the oracle computes with. Pass positions of at most {_INT64.max}."
         )
     return positions.astype(np.int64)
 
@@ -105,6 +105,12 @@ def rotation_angles(
     positions = _as_int64(positions)
 
     if scaling.rope_type == "dynamic":
+        if rotary_dim <= 2:
+            raise ValueError(
+                f"dynamic scaling raises its base to the power R / (R - 2), which is undefined "
+                f"for rotary_dim R = {rotary_dim}. Rotate at least 4 features or use another "
+                f"scaling type."
+            )
         # [..., 1]: one base per row, from that row's largest position. The initial value
         # changes no real maximum, and it gives an empty row the base theta instead of a
         # reduction error.
@@ -131,7 +137,7 @@ def rope_reference(
 
     Args:
         x: queries or keys, any real floating dtype (bfloat16 included); computed in float64.
-        positions: integer positions, any values that int64 holds (negative ones rotate
+        positions: integer positions, any values in the int64 range (negative ones rotate
             backwards).
         theta: the RoPE base, > 0.
         pairing: ``"half_split"`` or ``"interleaved"``.

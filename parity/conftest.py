@@ -18,6 +18,13 @@ def pytest_configure(config):
     # A bad --impl stops the run once, with one message, instead of failing every test.
     from parity.runner import UserAdapter
 
+    path = config.getoption("--parity-report")
+    if path:
+        try:
+            report.check_report_path(Path(path))
+        except (OSError, ValueError) as error:
+            raise pytest.UsageError(f"--parity-report {path!r}: {error}") from error
+
     for target in config.getoption("--impl"):
         try:
             UserAdapter(target)

@@ -91,7 +91,7 @@ def check_report_path(path: Path) -> None:
     """Raise IsADirectoryError if the JSON report cannot go to ``path`` because it is a folder."""
     if path.is_dir():
         raise IsADirectoryError(
-            f"The parity report path {path} is a folder; pass a file path such as {path / 'parity.json'}."
+            f"The parity report path {path} is a folder. Pass a file path such as {path / 'parity.json'}."
         )
 
 

@@ -225,3 +225,70 @@ def test_rejects_query_key_head_size_mismatch():
 def test_rejects_non_positive_heads():
     with pytest.raises(ValueError, match=r"num_heads must be a positive int, got 0"):
         permute_heads(np.zeros((64, HIDDEN)), 0, source="interleaved", target="half_split")
+
+
+def test_rejects_3d_kernel_split_along_head_dim():
+    # A Flax LinearGeneral kernel [in, heads, head_dim]: num_heads=4 would split head_dim (16)
+    # into 4 blocks of 4 and permute inside each block.
+    kernel = np.zeros((HIDDEN, 4, HEAD_DIM))
+
+    with pytest.raises(ValueError) as info:
+        permute_heads(kernel, 4, source="interleaved", target="half_split", axis=-1)
+
+    message = str(info.value)
+    assert "(32, 4, 16)" in message
+    assert "num_heads=1 with axis=-1" in message
+    assert "[in, heads * head_dim]" in message
+
+
+def test_3d_kernel_with_one_head_matches_2d():
+    query_weight, _, _, _ = meta_model(4, 4)
+    kernel_2d = query_weight.T  # Flax [in, heads * head_dim]
+    kernel_3d = kernel_2d.reshape(HIDDEN, 4, HEAD_DIM)
+
+    converted_3d = permute_heads(kernel_3d, 1, source="interleaved", target="half_split", axis=-1)
+    converted_2d = permute_heads(kernel_2d, 4, source="interleaved", target="half_split", axis=-1)
+
+    assert np.array_equal(converted_3d.reshape(HIDDEN, -1), converted_2d)
+
+
+def test_stacked_torch_weights_not_taken_for_3d_kernel():
+    # Layers stacked on axis 0, torch layout [layers, out, in]: as many layers as heads is common.
+    query_weight, _, _, _ = meta_model(4, 4)
+    stacked = np.stack([query_weight] * 4)
+
+    converted = permute_heads(stacked, 4, source="interleaved", target="half_split", axis=1)
+
+    assert np.array_equal(converted[2], permute_heads(query_weight, 4, source="interleaved", target="half_split"))
+
+
+@pytest.mark.parametrize(
+    "axis, error, pattern",
+    [
+        (3, ValueError, r"axis=3 is out of range for a weight of shape \(64, 32\)"),
+        (-3, ValueError, r"axis=-3 is out of range for a weight of shape \(64, 32\)"),
+        (1.0, TypeError, r"axis must be an int, got 1\.0 of type float"),
+        (True, TypeError, r"axis must be an int, got True of type bool"),
+    ],
+    ids=["too-large", "too-small", "float", "bool"],
+)
+def test_convert_rejects_bad_axis(axis, error, pattern):
+    with pytest.raises(error, match=pattern):
+        convert_query_key_weights(
+            np.zeros((64, HIDDEN)), np.zeros((64, HIDDEN)), num_heads=4, source="interleaved", target="half_split",
+            axis=axis,
+        )
+
+
+def test_permute_rejects_bool_axis():
+    with pytest.raises(TypeError, match=r"axis must be an int, got True of type bool"):
+        permute_heads(np.zeros((64, HIDDEN)), 4, source="interleaved", target="half_split", axis=True)
+
+
+def test_rejects_list_weight():
+    weight = np.zeros((64, HIDDEN)).tolist()
+
+    with pytest.raises(TypeError, match=r"weight must be a NumPy, JAX or torch array, got list"):
+        permute_heads(weight, 4, source="interleaved", target="half_split")
+    with pytest.raises(TypeError, match=r"query_weight must be a NumPy, JAX or torch array, got list"):
+        convert_query_key_weights(weight, weight, num_heads=4, source="interleaved", target="half_split")

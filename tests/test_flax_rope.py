@@ -518,3 +518,9 @@ def test_oracle_accepts_bfloat16_x():
     out = rope_reference(x, np.arange(2))
 
     np.testing.assert_array_equal(out, rope_reference(x.astype(np.float64), np.arange(2)))
+
+
+def test_oracle_dynamic_rotary_dim_2_message():
+    # The exponent R / (R - 2) divides by zero for R = 2, and the module rejects it the same way.
+    with pytest.raises(ValueError, match=r"rotary_dim R = 2\. Rotate at least 4 features"):
+        rope_reference(np.ones((1, 2, 1, 2)), np.arange(2), scaling=SCALINGS["dynamic"])

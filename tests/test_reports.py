@@ -8,8 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from parity import report
 from parity.report import summary_lines
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,3 +53,52 @@ def test_summary_lists_na_reason():
     text = "\n".join(summary_lines(records))
     assert "n/a: a has no interleaved pairing" in text
     assert "a: 1 pass, 1 n/a" in text
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def test_json_report_is_strict_json(tmp_path):
+    # A NaN output has a NaN error and a wrong-shape output an infinite one.
+    records = [
+        {"impl": "a", "case": "c1", "mode": "eager", "verdict": "fail", "max_abs_error": float("nan"),
+         "error_by_position": [[0, float("nan")], [1, 0.5]]},
+        {"impl": "a", "case": "c2", "mode": "eager", "verdict": "fail", "max_abs_error": float("inf"),
+         "metrics": {"q": {"max_rel_error": -np.inf, "max_ulp": np.float32(3.0)}}},
+    ]
+    path = tmp_path / "report.json"
+
+    report.write_json(path, records)
+
+    document = json.loads(path.read_text(), parse_constant=_reject_constant)
+    first, second = document["records"]
+    assert first["max_abs_error"] == "nan"
+    assert first["error_by_position"] == [[0, "nan"], [1, 0.5]]
+    assert second["max_abs_error"] == "inf"
+    assert second["metrics"]["q"]["max_rel_error"] == "-inf"
+    assert second["metrics"]["q"]["max_ulp"] == 3.0
+    assert float(second["max_abs_error"]) == float("inf")
+
+
+def test_json_report_to_folder_rejected(tmp_path):
+    folder = tmp_path / "reports"
+    folder.mkdir()
+
+    with pytest.raises(IsADirectoryError, match=r"is a folder\. Pass a file path such as .*parity\.json"):
+        report.write_json(folder, [])
+
+    assert list(tmp_path.iterdir()) == [folder]
+    assert list(folder.iterdir()) == []
+
+
+def test_json_report_failed_replace_leaves_no_temporary(tmp_path, monkeypatch):
+    def fail_replace(source, target):
+        raise OSError("simulated failure of os.replace")
+
+    monkeypatch.setattr(report.os, "replace", fail_replace)
+
+    with pytest.raises(OSError, match="simulated failure"):
+        report.write_json(tmp_path / "report.json", [])
+
+    assert list(tmp_path.iterdir()) == []

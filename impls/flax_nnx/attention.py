@@ -178,7 +178,7 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
         if query.shape[-3] != chunk:
             raise ValueError(
                 f"Decoding takes the same new tokens as queries and keys, but inputs_q has "
-                f"{query.shape[-3]} tokens and inputs_k has {chunk}; pass inputs_k of the same "
+                f"{query.shape[-3]} tokens and inputs_k has {chunk}. Pass inputs_k of the same "
                 f"length, or leave it unset."
             )
 
@@ -191,8 +191,8 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
         if isinstance(index, jax.core.Tracer):
             if chunk > max_length:
                 raise ValueError(
-                    f"The decode cache has {max_length} slots, so {chunk} new tokens never fit; "
-                    f"call init_cache with a longer input_shape."
+                    f"The decode cache has {max_length} slots, so {chunk} new tokens never fit. "
+                    f"Call init_cache with a longer input_shape."
                 )
             overflow = index + chunk > max_length
         elif int(index) + chunk > max_length:

@@ -113,7 +113,7 @@ def as_positions(positions: Any, name: str, dtype: Any = None) -> Integer[Array,
         )
     if not jnp.issubdtype(positions.dtype, jnp.integer):
         raise TypeError(
-            f"{name} must be integers, got dtype {positions.dtype}; pass {name}.astype(jnp.int32)."
+            f"{name} must be integers, got dtype {positions.dtype}. Pass {name}.astype(jnp.int32)."
         )
     return positions
 
@@ -124,12 +124,12 @@ def _check_position_range(positions: np.ndarray, stored: np.dtype, name: str, *,
     if limits.min <= low and high <= limits.max:
         return
     value = int(low) if low < limits.min else int(high)
-    hint = "pass positions inside that range"
+    hint = "Pass positions inside that range."
     if x64_helps and not jax.config.jax_enable_x64:
-        hint = f"enable x64 with jax.config.update('jax_enable_x64', True), or {hint}"
+        hint = "Enable x64 with jax.config.update('jax_enable_x64', True), or pass positions inside that range."
     raise ValueError(
         f"{name} contains {value}, outside the {stored} range [{limits.min}, {limits.max}] "
-        f"that stores these {positions.dtype} positions, so it would wrap silently; {hint}."
+        f"that stores these {positions.dtype} positions, so it would wrap silently. {hint}"
     )
 
 
@@ -166,13 +166,16 @@ def rotate(
     if pairing not in PAIRINGS:
         raise ValueError(f"Unknown pairing {pairing!r}. Valid pairings: {', '.join(PAIRINGS)}.")
     if cos.shape != sin.shape:
-        raise ValueError(f"cos has shape {cos.shape} but sin has shape {sin.shape}; they must match.")
+        raise ValueError(
+            f"cos and sin must have the same shape, got {cos.shape} and {sin.shape}. Pass both "
+            f"from one RoPE.tables call."
+        )
     rotary_dim = 2 * cos.shape[-1]
     head_dim = x.shape[-1]
     if rotary_dim > head_dim:
         raise ValueError(
             f"The tables have {cos.shape[-1]} frequencies, which rotate {rotary_dim} features, but "
-            f"x has only {head_dim}; compute the tables for rotary_dim <= {head_dim}."
+            f"x has only {head_dim}. Compute the tables for a rotary_dim <= {head_dim}."
         )
     compute_dtype = _compute_dtype(x.dtype)
 
