@@ -329,12 +329,24 @@ def test_x64_context_does_not_leak():
     assert jnp.zeros(1).dtype == jnp.float32
 
 
+def _sub_jaxprs(value):
+    # Written out rather than jax.extend.core.jaxprs_in_params, which needs jax 0.10.
+    if isinstance(value, jax.extend.core.ClosedJaxpr):
+        yield value.jaxpr
+    elif isinstance(value, jax.extend.core.Jaxpr):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _sub_jaxprs(item)
+
+
 def _equations(jaxpr: jax.extend.core.Jaxpr):
     """Yield every equation of ``jaxpr``, descending into cond branches and other sub-jaxprs."""
     for equation in jaxpr.eqns:
         yield equation
-        for sub in jax.extend.core.jaxprs_in_params(equation.params):
-            yield from _equations(sub)
+        for value in equation.params.values():
+            for sub in _sub_jaxprs(value):
+                yield from _equations(sub)
 
 
 JAXPR_CASES = {

@@ -279,7 +279,9 @@ SHARDING_SCRIPT = textwrap.dedent(
             out = fn(jax.device_put(x, batch_and_seq), jax.device_put(positions, batch_and_seq))
             results[f"{name}-{label}"] = {
                 "max_difference": float(np.abs(np.asarray(out) - unsharded).max()),
-                "spec": list(out.sharding.spec),
+                "scale": float(np.abs(unsharded).max()),
+                # Older jax (0.8) drops trailing None entries of a PartitionSpec.
+                "spec": list(out.sharding.spec) + [None] * (out.ndim - len(out.sharding.spec)),
             }
 
     # Attention over a sequence-sharded key needs a reshard that jax.nn.dot_product_attention
@@ -294,7 +296,8 @@ SHARDING_SCRIPT = textwrap.dedent(
     out = call(mha, jax.device_put(inputs, batch), jax.device_put(crossing, batch))
     results["mha-batch"] = {
         "max_difference": float(np.abs(np.asarray(out) - unsharded).max()),
-        "spec": list(out.sharding.spec),
+        "scale": float(np.abs(unsharded).max()),
+        "spec": list(out.sharding.spec) + [None] * (out.ndim - len(out.sharding.spec)),
     }
     print(json.dumps(results))
     """
@@ -326,8 +329,13 @@ def test_sharding_uses_8_devices(sharding_results):
 
 @pytest.mark.parametrize("case, spec", SHARDING_CASES, ids=[case for case, _ in SHARDING_CASES])
 def test_sharded_equals_unsharded(sharding_results, case, spec):
-    # Sharding splits elementwise work, exact reductions (max, all) and batch-independent
-    # matmuls, so nothing is rounded differently and the results agree bit for bit. The output
-    # keeps the input's sharding.
-    assert sharding_results[case]["max_difference"] == 0.0
-    assert sharding_results[case]["spec"] == spec
+    # Sharding splits elementwise work and exact reductions (max, all), so the RoPE results
+    # agree bit for bit. The attention's batch-independent matmuls may be blocked differently
+    # per shard: jax 0.10 still agrees bit for bit, jax 0.8.1 differs by 4.8e-7, so they get a
+    # few float32 roundings of the output's scale. The output keeps the input's sharding.
+    result = sharding_results[case]
+    if case.startswith("mha"):
+        assert result["max_difference"] <= 8 * np.finfo(np.float32).eps * result["scale"]
+    else:
+        assert result["max_difference"] == 0.0
+    assert result["spec"] == spec

@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.mark.parametrize("workers", ["0", "2"], ids=["serial", "xdist"])
 def test_report_written(tmp_path, workers):
+    pytest.importorskip("matplotlib", reason="the PNG report needs the report extra (matplotlib)")
     path = tmp_path / "report.json"
     environment = dict(os.environ, PYTHONPATH=str(REPO))
     environment.pop("PYTEST_XDIST_WORKER", None)
