@@ -32,6 +32,18 @@ def pytest_configure(config):
             raise pytest.UsageError(str(error)) from error
 
 
+def pytest_collection_modifyitems(config, items):
+    # With --impl only the rotation comparisons call the user's function; the invariants and
+    # the attention tests exercise the built-in implementations, so they are deselected.
+    if not config.getoption("--impl"):
+        return
+    selected = [item for item in items if "test_rotation" in item.nodeid or not item.nodeid.startswith("parity/")]
+    deselected = [item for item in items if item not in selected]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = selected
+
+
 def pytest_runtest_logreport(report):
     # Runs on the controller for every test report, also for tests run by xdist workers,
     # whose user_properties travel with the report. A record is attached once per test.

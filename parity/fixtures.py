@@ -483,7 +483,7 @@ def check(directory: Path | None = None, cases: Iterable[Case] = CASES) -> list[
                 problems.append(f"{case.id}: input {name} changed")
 
     # Snapshots depend on the installed libraries, so only their integrity is checked here;
-    # parity/test_snapshots.py reports drift.
+    # parity/test_rotation.py reports drift.
     for impl in manifest.get("snapshots", {}):
         try:
             load_snapshot(impl, directory, manifest)

@@ -163,6 +163,18 @@ def compare_case(
         return record
 
     for which in ("q", "k"):
+        # RoPE returns its input's dtype; a float32 result for bfloat16 input hides the
+        # rounding a bfloat16 model would see, and doubles the memory it writes.
+        if outputs[which].dtype != arrays[which].dtype:
+            record.update(
+                verdict="fail",
+                tolerance=tol,
+                max_abs_error=float("inf"),
+                worst=f"{which} came back as {outputs[which].dtype} for {arrays[which].dtype} input",
+                diagnosis={"matches": [], "harmless": [], "nearest": "the output dtype differs from the input's",
+                           "nearest_error": float("inf")},
+            )
+            return record
         expected_shape = arrays[f"expected_{which}"].shape
         if outputs[which].shape != expected_shape:
             record.update(

@@ -76,3 +76,10 @@ def partial_rotary_full_width(q, k, q_positions, k_positions, *, theta, rotary_d
 def queries_keys_swapped(q, k, q_positions, k_positions, *, theta, rotary_dim):
     """Returns the rotated keys first."""
     return _rotate(k, k_positions, theta, rotary_dim), _rotate(q, q_positions, theta, rotary_dim)
+
+
+@_declare
+def float32_for_bfloat16(q, k, q_positions, k_positions, *, theta, rotary_dim):
+    """Rotates correctly but returns float32 whatever the input dtype."""
+    return (_rotate(q, q_positions, theta, rotary_dim).astype(np.float32),
+            _rotate(k, k_positions, theta, rotary_dim).astype(np.float32))

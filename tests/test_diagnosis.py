@@ -78,3 +78,12 @@ def test_unknown_impl_rejected():
         UserAdapter("no_colon_here")
     with pytest.raises(ValueError, match="cannot import"):
         UserAdapter("no_such_module_xyz:rope")
+
+
+def test_wrong_output_dtype_fails(manifest):
+    records = _run_suite("tests.broken_ropes:float32_for_bfloat16", manifest)
+    low_precision = [r for r in records if r["dtype"] in ("bfloat16", "float16") and r["verdict"] != "n/a"]
+    assert low_precision
+    assert all(r["verdict"] == "fail" for r in low_precision)
+    assert "came back as float32 for bfloat16 input" in next(r["worst"] for r in low_precision if r["dtype"] == "bfloat16")
+    assert all(r["verdict"] == "pass" for r in records if r["dtype"] == "float32" and r["verdict"] != "n/a")

@@ -23,7 +23,7 @@ if not hasattr(getattr(torch.onnx, "ops", None), "rotary_embedding"):
 
 
 class TorchOnnxAdapter(Adapter):
-    """``torch.onnx.ops.rotary_embedding`` with float32 tables built as Hugging Face builds them."""
+    """``torch.onnx.ops.rotary_embedding`` with tables built in float32 as Hugging Face builds them."""
 
     name = "torch_onnx"
     library = "torch"
@@ -40,10 +40,12 @@ class TorchOnnxAdapter(Adapter):
 
         # [B, S, H, D] -> [B, H, S, D]: the op's 4-D layout.
         x_torch = to_torch(x).transpose(1, 2)
+        # ONNX RotaryEmbedding gives the caches the input's type T. torch's eager op would also
+        # take float32 caches with bfloat16 input, but then returns float32, not the input dtype.
         out = torch.onnx.ops.rotary_embedding(
             x_torch,
-            torch.cos(angles),
-            torch.sin(angles),
+            torch.cos(angles).to(x_torch.dtype),
+            torch.sin(angles).to(x_torch.dtype),
             torch.from_numpy(np.asarray(positions, np.int64)),
             interleaved=spec.pairing == "interleaved",
             rotary_embedding_dim=rotary_dim if rotary_dim != x.shape[-1] else 0,
