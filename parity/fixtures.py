@@ -53,9 +53,9 @@ _GENERATED_NAME = re.compile(r"^(\.[A-Za-z0-9_.-]+-[0-9a-f]{12}\.npz\.[A-Za-z0-9
 GENERATOR_VERSION = 1
 DEFAULT_DIRECTORY = Path(__file__).resolve().parent.parent / "fixtures"
 REGENERATE = "python -m parity.fixtures generate"
-# The oracle's float64 outputs may differ in the last bits between NumPy builds (their cos and
-# sin are not correctly rounded), so `check` compares them to this relative tolerance; inputs
-# and positions must match exactly.
+# The oracle's float64 outputs may differ in the last bits between NumPy builds, because their
+# cos and sin are not correctly rounded. `check` compares them to this relative tolerance, and
+# inputs and positions exactly.
 ORACLE_RTOL = 1e-12
 
 
@@ -100,7 +100,7 @@ def _decode(array: np.ndarray, info: dict[str, Any]) -> np.ndarray:
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     """Serialize ``arrays`` as an uncompressed npz whose bytes depend only on the arrays.
 
-    ``np.savez`` stamps each member with the current time; a fixed timestamp and a sorted
+    ``np.savez`` stamps each member with the current time. A fixed timestamp and a sorted
     member order make the same arrays give the same sha256 in every run and process.
     """
     buffer = io.BytesIO()

@@ -129,7 +129,7 @@ def compare_case(
     """Run ``adapter`` on ``case`` and return a record with metrics, tolerance and verdict.
 
     With ``snapshot`` (the manifest's snapshot entry of the adapter and its stored queries for
-    this case), the record also says how far the output moved from it, and carries a
+    this case), the record also stores how far the output moved from it, and carries a
     ``drift`` message when that is beyond the tolerance.
     """
     record = {
