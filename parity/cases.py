@@ -101,7 +101,7 @@ class Case:
         return "-".join(parts)
 
     def params(self) -> dict[str, Any]:
-        """The case's fields as JSON-friendly values (for manifests and reports)."""
+        """Return the case's fields as JSON-friendly values (for manifests and reports)."""
         params = dataclasses.asdict(self)
         params["scaling"] = SCALINGS[self.scaling] if self.scaling else None
         return params

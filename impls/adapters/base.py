@@ -41,7 +41,7 @@ def numpy_dtype(name: str) -> np.dtype:
 
 @dataclasses.dataclass(frozen=True)
 class RopeSpec:
-    """The RoPE variant a case asks for, in the terms of the oracle."""
+    """The RoPE variant of a case, in the terms of the oracle."""
 
     theta: float = 10_000.0
     pairing: str = "half_split"
@@ -64,7 +64,7 @@ class RopeSpec:
 
 @dataclasses.dataclass(frozen=True)
 class Support:
-    """What an adapter can express. Anything else is reported as n/a, never run or passed."""
+    """The features an adapter can express. Anything else is reported as n/a, never run or passed."""
 
     pairings: frozenset[str] = frozenset(PAIRINGS)
     positions: str = "any"

@@ -296,7 +296,7 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
                 query, key, value, mask, input_positions
             )
             if not _accepts_positions(self.attention_fn) and self.rope is None:
-                # An attention function without positions cannot be told where the cache is.
+                # An attention function without position arguments cannot receive the cache positions.
                 input_positions = kv_positions = None
 
         dropout_rng = None
