@@ -111,7 +111,7 @@ def permute_heads(
             axis -2 has ``num_heads`` entries while ``num_heads`` splits axis -1.
 
     NOTE: the kernel check needs at least 3 axes. A 2-D bias ``[heads, head_dim]`` with
-    ``num_heads=heads`` cannot be told from a kernel ``[in, heads * head_dim]`` whose ``in``
+    ``num_heads=heads`` cannot be distinguished from a kernel ``[in, heads * head_dim]`` whose ``in``
     equals ``heads``, so it is permuted wrongly without an error.
     """
     for name, pairing in (("source", source), ("target", target)):

@@ -15,7 +15,7 @@ from impls.adapters.base import Adapter
 
 @dataclass(frozen=True)
 class AdapterEntry:
-    """Where an adapter lives and which optional modules it needs."""
+    """The location of an adapter class and the optional modules it needs."""
 
     name: str
     target: str

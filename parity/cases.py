@@ -6,11 +6,13 @@ generator stores those inputs together with the oracle's outputs.
 
 How the table was chosen: the full product of kinds, dtypes, head sizes, thetas, pairings and
 scaling types would be thousands of cases. Instead every value of every axis appears at least
-once, each kind runs in float32 and bfloat16 with both pairings, and the pairs of axes that
-interact numerically are crossed: long positions with each dtype and each theta (precision
-grows with position and theta), partial rotary with both pairings (the pairs differ), scaling
-types with long positions (scaling matters past the original context), and grouped-query
-attention with cross-attention (separate key shapes and positions).
+once, and each kind runs in float32 and bfloat16 with both pairings. The pairs of axes that
+interact numerically are crossed:
+
+* long positions with each dtype and each theta, because precision falls with both;
+* partial rotary with both pairings, because the rotated pairs differ;
+* scaling types with long positions, because scaling matters past the original context;
+* grouped-query attention with cross-attention, for separate key shapes and positions.
 """
 
 from __future__ import annotations

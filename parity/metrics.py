@@ -30,7 +30,7 @@ class Metrics:
         return self.share_over_tolerance == 0.0
 
     def as_dict(self) -> dict:
-        """The metrics as JSON-friendly values."""
+        """Return the metrics as JSON-friendly values."""
         values = dataclasses.asdict(self)
         values["worst_index"] = list(self.worst_index)
         return values

@@ -83,7 +83,9 @@ def _strict_json(value: Any) -> Any:
     if isinstance(value, (float, np.floating)):
         value = float(value)
         if not math.isfinite(value):
-            return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+            if math.isnan(value):
+                return "nan"
+            return "inf" if value > 0 else "-inf"
     return value
 
 

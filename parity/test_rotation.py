@@ -1,8 +1,8 @@
 """Rotated queries and keys of every implementation against the float64 oracle, case by case.
 
 Eager runs of the snapshot cases also compare the output with the implementation's own
-snapshot in the fixtures: an implementation that still agrees with the oracle but moved since
-the snapshot (a library upgrade, say) fails with both library versions named.
+snapshot in the fixtures. An implementation that still agrees with the oracle but moved since
+the snapshot (after a library upgrade, say) fails with both library versions named.
 """
 
 from __future__ import annotations

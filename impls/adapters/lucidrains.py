@@ -2,9 +2,9 @@
 
 The library pairs adjacent features (interleaved) and works on ``[batch, heads, seq,
 head_dim]``. Its convenience method ``rotate_queries_or_keys`` builds positions with
-``arange`` in the dtype of the input and stores the angles in a cache on the module, so a
-bfloat16 or float16 input gets rounded positions (bfloat16 represents integers exactly only up
-to 256) and leaves wrong angles in the cache for later calls. The adapter takes the other
+``arange`` in the dtype of the input and stores the angles in a cache on the module. A
+bfloat16 or float16 input therefore gets rounded positions (bfloat16 represents integers
+exactly only up to 256) and leaves wrong angles in the cache for later calls. The adapter takes the other
 documented route: it passes float32 positions of its own to ``RotaryEmbedding.forward``, which
 returns the angles without caching them, and rotates with ``apply_rotary_emb``. A fresh module
 per call keeps any cached state out of the comparison.

@@ -226,7 +226,7 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
             self.cached_positions[...] = cached_positions
             self.cache_index[...] = index + chunk
 
-        # [Sq, max_length]: new token i sees cache slots up to index + i, never unwritten ones.
+        # [Sq, max_length]: new token i attends to cache slots up to index + i, never to unwritten ones.
         visible = jnp.arange(max_length)[None, :] <= (index + jnp.arange(chunk))[:, None]
         visible = jnp.broadcast_to(visible, (*batch_dims, 1, chunk, max_length))
         mask = visible if mask is None else jnp.logical_and(mask, visible)
