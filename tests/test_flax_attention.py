@@ -286,9 +286,8 @@ def test_mha_without_rope_equals_upstream():
 # --- decoding ------------------------------------------------------------------------------------
 
 
-@nnx.jit
-def decode_step(mha, inputs, positions, key_mask):
-    """Run one jitted decode call; ``positions`` and ``key_mask`` may be None."""
+def eager_decode_step(mha, inputs, positions, key_mask):
+    """Run one decode call; ``positions`` and ``key_mask`` may be None."""
     kwargs = {}
     if positions is not None:
         kwargs["input_positions"] = positions
@@ -297,7 +296,10 @@ def decode_step(mha, inputs, positions, key_mask):
     return mha(inputs, decode=True, **kwargs)
 
 
-def decode(mha, inputs, chunks, positions=None, key_mask=None):
+decode_step = nnx.jit(eager_decode_step)
+
+
+def decode(mha, inputs, chunks, positions=None, key_mask=None, step=decode_step):
     """Feed ``inputs`` ``[B, L, F]`` to ``mha`` in decode mode, in chunks of the given lengths.
 
     ``positions`` ``[B, L]`` or ``[L]`` are passed per chunk when given. ``key_mask`` ``[B, L]`` marks the
@@ -310,7 +312,7 @@ def decode(mha, inputs, chunks, positions=None, key_mask=None):
     for chunk in chunks:
         stop = start + chunk
         chunk_positions = None if positions is None else jnp.asarray(positions[..., start:stop])
-        outputs.append(decode_step(mha, inputs[:, start:stop], chunk_positions, key_mask))
+        outputs.append(step(mha, inputs[:, start:stop], chunk_positions, key_mask))
         start = stop
     assert start == length
     return jnp.concatenate(outputs, axis=1)
@@ -427,6 +429,19 @@ def test_decode_float32_equals_causal_pass():
     decoded = decode(mha, inputs, [3, 1, 1, 1, 1])
 
     np.testing.assert_allclose(decoded, full, rtol=0, atol=float32_mha_atol(mha, inputs))
+
+
+def test_eager_decode_equals_jitted():
+    # Every other comparison here and in parity/ runs the module under jit. Eager calls take
+    # other branches (concrete positions and cache index), so one schedule runs eagerly too.
+    inputs = jnp.asarray(random_array((2, 7, IN_FEATURES), 0, np.float32))
+    positions = np.array([[0, 1, 2, 3, 4, 5, 6], [9, 10, 11, 12, 13, 14, 15]])
+    jitted = decode(make_mha(kv_heads=2, cached=True, dtype=jnp.float32), inputs, [3, 1, 1, 1, 1], positions)
+    mha = make_mha(kv_heads=2, cached=True, dtype=jnp.float32)
+
+    eager = decode(mha, inputs, [3, 1, 1, 1, 1], positions, step=eager_decode_step)
+
+    np.testing.assert_allclose(eager, jitted, rtol=0, atol=float32_mha_atol(mha, inputs))
 
 
 # (id, call on a decode-mode module with a cache of length 4 and batch 2, fragments)

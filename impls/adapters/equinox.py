@@ -3,14 +3,16 @@
 The module rotates a ``[seq, embedding_size]`` array, row ``i`` by position ``i``, and takes no
 positions. RoPE acts on each row alone, so a token at position ``p`` is rotated correctly by
 writing it into row ``p`` of a zero buffer, calling the real module on the buffer and reading
-row ``p`` back. Tokens of the whole batch share buffers of at least ``max(positions) + 1`` rows: the
-``k``-th token at a given position goes into buffer ``k``, so no buffer contains two
-tokens in one row. All buffers have one shape, so the module is traced once per case. This
-expresses offsets, packing, padding and arbitrary positions with the library's own code, but
-not negative positions.
+row ``p`` back. Each buffer contains one head, and tokens of the whole batch share buffers of at
+least ``max(positions) + 1`` rows: the ``k``-th token at a given position goes into the
+``k``-th buffer of its head, so no buffer contains two tokens in one row. All buffers have
+one shape, and the module is vmapped over them. This expresses offsets, packing, padding and
+arbitrary positions with the library's own code, but not negative positions.
 """
 
 from __future__ import annotations
+
+import functools
 
 import equinox as eqx
 import jax
@@ -36,8 +38,16 @@ def occurrence_index(values: np.ndarray) -> np.ndarray:
     return index
 
 
+@functools.lru_cache(maxsize=64)
+def _jitted_module(rotary_dim: int, theta: float):
+    # One jitted function per module, so a case whose buffers have a shape seen before reuses
+    # its compilation. A trace reads Equinox's table cache, which rotate() clears before every
+    # call, so each trace bakes in the tables of its own theta.
+    return jax.jit(jax.vmap(eqx.nn.RotaryPositionalEmbedding(rotary_dim, theta=theta)))
+
+
 class EquinoxAdapter(Adapter):
-    """``eqx.nn.RotaryPositionalEmbedding(rotary_dim, theta)`` vmapped over heads and buffers."""
+    """``eqx.nn.RotaryPositionalEmbedding(rotary_dim, theta)`` vmapped over buffers of single heads."""
 
     name = "equinox"
     library = "equinox"
@@ -49,6 +59,8 @@ class EquinoxAdapter(Adapter):
     )
 
     def rotate(self, x: np.ndarray, positions: np.ndarray, spec: RopeSpec, *, mode: str = "eager") -> np.ndarray:
+        if positions.size == 0:
+            return x.copy()
         if positions.min() < 0:
             raise ValueError(
                 f"Equinox's RotaryPositionalEmbedding rotates row i by position i, so negative "
@@ -63,23 +75,30 @@ class EquinoxAdapter(Adapter):
         # NOTE: run on 0.13.8 only. The sources of 0.11.5 (the first with theta) and 0.12.2
         # also register the cache with clear_caches, but they need an older jax to import.
         eqx.clear_caches()
-        rope = eqx.nn.RotaryPositionalEmbedding(rotary_dim, theta=spec.theta)
-
-        # [buffers, rows, H, R] -> same shape: the module gets one [rows, R] head at a time.
-        per_buffer = jax.vmap(jax.vmap(rope, in_axes=1, out_axes=1))
-        if mode == "jit":
-            per_buffer = jax.jit(per_buffer)
 
         flat_positions = positions.reshape(-1)
         buffer_index = occurrence_index(flat_positions)
+        # [B, S, H, D] -> [B * S, H, R]: one row per token, only the rotated features.
         tokens = x.reshape(batch * seq, heads, head_dim)[..., :rotary_dim]
-        # [buffers, rows, H, R], token t at row flat_positions[t] of its buffer. Eager JAX
-        # compiles every operation once per shape, so the row count is rounded up to a power
-        # of two and cases share shapes. The extra rows are zeros and never read.
-        rows = 1 << max(4, int(flat_positions.max()).bit_length())
-        buffers = np.zeros((buffer_index.max() + 1, rows, heads, rotary_dim), x.dtype)
-        buffers[buffer_index, flat_positions] = tokens
-        rotated = np.asarray(per_buffer(jnp.asarray(buffers)))[buffer_index, flat_positions]
+
+        # Token t goes to row flat_positions[t] of buffer buffer_index[t], for every head.
+        # Eager JAX compiles every operation once per shape, so cases should share shapes. The
+        # row count is a power of two of at least 128. The buffer count is a power of two that
+        # gives at least 4096 rows in all. Small cases then all take one shape, and long ones
+        # do not grow. The extra buffers and rows are zeros and never read.
+        rows = 1 << max(7, int(flat_positions.max()).bit_length())
+        needed = int(buffer_index.max() + 1) * heads
+        count = max(1 << (needed - 1).bit_length(), 4096 // rows)
+        # [buffers, H, rows, R] -> [buffers * H, rows, R], padded to [count, rows, R].
+        buffers = np.zeros((count, rows, rotary_dim), x.dtype)
+        slot = buffer_index[:, None] * heads + np.arange(heads)  # [B * S, H]
+        buffers[slot, flat_positions[:, None]] = tokens
+
+        if mode == "jit":
+            per_buffer = _jitted_module(rotary_dim, spec.theta)
+        else:
+            per_buffer = jax.vmap(eqx.nn.RotaryPositionalEmbedding(rotary_dim, theta=spec.theta))
+        rotated = np.asarray(per_buffer(jnp.asarray(buffers)))[slot, flat_positions[:, None]]
         rotated = rotated.reshape(batch, seq, heads, rotary_dim)
 
         # The passthrough takes the module's output dtype: Equinox 0.11.5 returns float32 for a

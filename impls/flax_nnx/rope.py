@@ -23,6 +23,7 @@ follows it. Cached tables are exact to float32 rounding at every tabulated posit
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -67,8 +68,9 @@ def _cond(pred: Array, true_fn: Callable, false_fn: Callable, operand: Array) ->
     """Return ``lax.cond(pred, true_fn, false_fn, operand)``, calling the branch directly outside jit.
 
     Eager calls have a concrete predicate, and a ``lax.cond`` there would compile a new
-    conditional on every call (about 0.2 s on a 2-core CPU). Eager ops are never fused, so the
-    direct call loses nothing.
+    conditional on every call (about 0.2 s on a 2-core CPU). The direct call loses nothing:
+    eagerly, the tables and the rotation are two separately compiled programs, so the tables
+    are stored to memory between them, as they are after a conditional.
     """
     if isinstance(pred, jax.core.Tracer):
         return jax.lax.cond(pred, true_fn, false_fn, operand)
@@ -88,6 +90,24 @@ def _gather_rows(
     if not sharding.mesh.empty:
         out_sharding = sharding.update(spec=PartitionSpec(*sharding.spec, None))
     return table.at[positions].get(mode="clip", out_sharding=out_sharding)
+
+
+@functools.partial(jax.jit, static_argnames=("stop",))
+def _all_in_range(positions: Integer[Array, "..."], stop: int) -> Array:
+    """Return whether every position lies in ``[0, stop)``, as one compiled program."""
+    return jnp.all((positions >= 0) & (positions < stop))
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _looked_up_tables(
+    cos_table: Float[Array, "table_length half"],
+    sin_table: Float[Array, "table_length half"],
+    positions: Integer[Array, "*batch seq"],
+    *,
+    dtype: jnp.dtype,
+) -> tuple[Float[Array, "*batch seq half"], Float[Array, "*batch seq half"]]:
+    # mode="clip" in the gather is safe: this runs only when every index is in the table.
+    return _gather_rows(cos_table, positions).astype(dtype), _gather_rows(sin_table, positions).astype(dtype)
 
 
 def as_positions(positions: Any, name: str, dtype: Any = None) -> Integer[Array, "..."]:
@@ -199,6 +219,53 @@ def rotate(
     if rotary_dim == head_dim:
         return out
     return jnp.concatenate([out, x[..., rotary_dim:]], axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("dynamic", "rotary_dim", "dtype", "attention_factor"))
+def _computed_tables(
+    positions: Integer[Array, "*batch seq"],
+    inv_freq: Float[Array, " half"] | None,
+    *,
+    dynamic: tuple[float, float, int] | None,
+    rotary_dim: int,
+    dtype: jnp.dtype,
+    attention_factor: float,
+) -> tuple[Float[Array, "*batch seq half"], Float[Array, "*batch seq half"]]:
+    """Return cos and sin of ``positions * inv_freq`` ``[*B, S, R/2]``.
+
+    Under dynamic scaling ``inv_freq`` is None and the frequencies follow from ``dynamic =
+    (theta, factor, original_max_position_embeddings)`` and each row's largest position.
+
+    Compiled as one program, so an eager call runs one program instead of a handful of single
+    operations, each compiled once per shape. Under an outer jit it is inlined.
+    """
+    if dynamic is not None:
+        theta, factor, original = dynamic
+        # [*B, 1]: one base per row, from that row's largest position, so rows of one batch
+        # never change each other's frequencies.
+        # The initial value is the dtype's minimum, so it changes no real maximum and an
+        # empty sequence gets the base theta instead of a reduction error.
+        lowest = jnp.iinfo(positions.dtype).min
+        row_length = positions.max(axis=-1, keepdims=True, initial=lowest).astype(dtype) + 1
+        length = jnp.maximum(row_length, original)
+        base = theta * (factor * length / original - (factor - 1.0)) ** (rotary_dim / (rotary_dim - 2))
+        exponents = jnp.arange(0, rotary_dim, 2, dtype=dtype) / rotary_dim
+        inv_freq = 1.0 / base**exponents  # [*B, R/2]
+        inv_freq = inv_freq[..., None, :]  # [*B, 1, R/2]
+
+    # A broadcast multiply, not an outer product through dot_general: see the RoPE docs.
+    angles = positions[..., None].astype(dtype) * inv_freq
+    cos = jnp.cos(angles)
+    sin = jnp.sin(angles)
+    if attention_factor != 1.0:
+        cos, sin = cos * attention_factor, sin * attention_factor
+    return cos, sin
+
+
+# Eager calls run the rotation as one compiled program rather than a dozen single operations,
+# each of which would compile once per shape (about 40 ms apiece on a 2-core CPU). Under an
+# outer jit the call is inlined and fuses as before.
+_compiled_rotate = jax.jit(rotate, static_argnames=("pairing",))
 
 
 class RoPE(nnx.Module):
@@ -342,31 +409,16 @@ class RoPE(nnx.Module):
         self, positions: Integer[Array, "*batch seq"], rotary_dim: int, dtype: jnp.dtype
     ) -> tuple[Float[Array, "*batch seq half"], Float[Array, "*batch seq half"]]:
         if self.scaling.rope_type == "dynamic":
-            # [*B, 1]: one base per row, from that row's largest position, so rows of one batch
-            # never change each other's frequencies.
-            # The initial value is the dtype's minimum, so it changes no real maximum and an
-            # empty sequence gets the base theta instead of a reduction error.
-            lowest = jnp.iinfo(positions.dtype).min
-            row_length = positions.max(axis=-1, keepdims=True, initial=lowest).astype(dtype) + 1
-            factor = self.scaling.params["factor"]
-            original = self.scaling.params["original_max_position_embeddings"]
-            length = jnp.maximum(row_length, original)
-            base = self.theta * (factor * length / original - (factor - 1.0)) ** (
-                rotary_dim / (rotary_dim - 2)
-            )
-            exponents = jnp.arange(0, rotary_dim, 2, dtype=dtype) / rotary_dim
-            inv_freq = 1.0 / base**exponents  # [*B, R/2]
-            inv_freq = inv_freq[..., None, :]  # [*B, 1, R/2]
+            params = self.scaling.params
+            dynamic = (self.theta, params["factor"], params["original_max_position_embeddings"])
+            inv_freq = None
         else:
+            dynamic = None
             inv_freq = jnp.asarray(self._inv_freq_f64(rotary_dim), dtype)  # [R/2]
-
-        # A broadcast multiply, not an outer product through dot_general: see the class docs.
-        angles = positions[..., None].astype(dtype) * inv_freq
-        cos = jnp.cos(angles)
-        sin = jnp.sin(angles)
-        if self.attention_factor != 1.0:
-            cos, sin = cos * self.attention_factor, sin * self.attention_factor
-        return cos, sin
+        return _computed_tables(
+            positions, inv_freq, dynamic=dynamic, rotary_dim=rotary_dim, dtype=dtype,
+            attention_factor=self.attention_factor,
+        )
 
     def tables(
         self, positions: Integer[Array, "*batch seq"], rotary_dim: int, dtype: jnp.dtype = jnp.float32
@@ -393,6 +445,10 @@ class RoPE(nnx.Module):
             and jnp.finfo(self.cos.dtype).bits >= jnp.finfo(dtype).bits
         )
         if not use_table:
+            if not isinstance(positions, jax.core.Tracer):
+                # Eager: the tables are a program of their own and reach memory before the
+                # rotation reads them, so the conditional below would prevent nothing.
+                return compute(positions)
             # Both branches compute the same tables, so the predicate only has to be unknown
             # at compile time (XLA folds a conditional on a constant). It is false only when a
             # position equals the minimum of its dtype, which then takes the other branch.
@@ -403,13 +459,10 @@ class RoPE(nnx.Module):
 
         cos_table, sin_table = self.cos[...], self.sin[...]
         self._check_table_shapes(cos_table, sin_table, table_dim)
-        in_table = jnp.all((positions >= 0) & (positions < self.max_seq_len))
+        in_table = _all_in_range(positions, self.max_seq_len)
 
         def lookup(positions):
-            # mode="clip" is safe here: this branch runs only when every index is valid.
-            cos = _gather_rows(cos_table, positions).astype(dtype)
-            sin = _gather_rows(sin_table, positions).astype(dtype)
-            return cos, sin
+            return _looked_up_tables(cos_table, sin_table, positions, dtype=dtype)
 
         # JAX gathers clamp out-of-range indices without an error, so a position outside the
         # table would silently read its first or last row. Such batches take the computed path.
@@ -444,4 +497,4 @@ class RoPE(nnx.Module):
         positions = _check_positions(x.shape, input_positions, "input_positions")
 
         cos, sin = self.tables(positions, rotary_dim, x.dtype)
-        return rotate(x, cos, sin, self.pairing)
+        return _compiled_rotate(x, cos, sin, pairing=self.pairing)
