@@ -125,8 +125,12 @@ def write_json(path: Path, records: list[dict]) -> None:
         raise
 
 
-def write_plot(path: Path, records: list[dict]) -> None:
-    """Plot the error against position for each implementation and dtype (float32 and lower)."""
+def write_plot(path: Path, records: list[dict]) -> bool:
+    """Plot the error against position for each implementation and dtype (float32 and lower).
+
+    Returns False, and writes nothing, when no record has errors by position: only the
+    rotation comparisons record them.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
@@ -134,7 +138,7 @@ def write_plot(path: Path, records: list[dict]) -> None:
 
     dtypes = sorted({r["dtype"] for r in records if "error_by_position" in r})
     if not dtypes:
-        return
+        return False
     figure, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4.5), squeeze=False)
     for axis, dtype in zip(axes[0], dtypes):
         by_impl: dict[str, list[tuple[int, float]]] = {}
@@ -155,3 +159,4 @@ def write_plot(path: Path, records: list[dict]) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+    return True

@@ -46,6 +46,18 @@ def test_report_written(tmp_path, workers):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_skipped_without_positions(tmp_path):
+    pytest.importorskip("matplotlib", reason="the PNG report needs the report extra (matplotlib)")
+    # Attention records carry no errors by position, so there is nothing to plot.
+    records = [{"impl": "flax_nnx_mha", "case": "c1", "dtype": "float32", "mode": "jit", "verdict": "pass"}]
+    path = tmp_path / "report.png"
+
+    written = report.write_plot(path, records)
+
+    assert written is False
+    assert not path.exists()
+
+
 def test_summary_lists_na_reason():
     records = [
         {"impl": "a", "case": "c1", "mode": "eager", "verdict": "pass", "max_abs_error": 1e-7, "tolerance": 1e-6},
