@@ -128,7 +128,7 @@ def write_json(path: Path, records: list[dict]) -> None:
 def write_plot(path: Path, records: list[dict]) -> bool:
     """Plot the error against position for each implementation and dtype (float32 and lower).
 
-    Returns False, and writes nothing, when no record has errors by position: only the
+    Returns False and writes nothing when no record has errors by position, because only the
     rotation comparisons record them.
     """
     import matplotlib
