@@ -276,6 +276,31 @@ def test_int32_extreme_positions(pairing, cached):
     np.testing.assert_allclose(pair_norm(out), pair_norm(x), rtol=4 * np.finfo(np.float32).eps, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.int16, np.uint16])
+@pytest.mark.parametrize("cached", [False, True], ids=["computed", "cached"])
+def test_narrow_int_positions_equal_int32(dtype, cached):
+    # A table length of 4096 does not fit int8 or int16, so comparing narrow positions with it
+    # wrapped eagerly and raised OverflowError under jit.
+    x = jnp.asarray(random_x((2, 5, 3, 16), "float32"))
+    positions = np.array([[0, 1, 2, 3, 4], [120, 121, 122, 123, 127]])
+    rope = RoPE(embedding_size=16, max_seq_len=4096) if cached else RoPE()
+    expected = np.asarray(rope(x, positions.astype(np.int32)))
+
+    eager = rope(x, positions.astype(dtype))
+    jitted = jax.jit(lambda value, at: rope(value, at))(x, positions.astype(dtype))
+
+    np.testing.assert_array_equal(eager, expected)
+    np.testing.assert_array_equal(jitted, expected)
+
+
+def test_tables_accept_python_positions():
+    cos, sin = RoPE().tables([0, 1, 2], 8)
+
+    assert cos.shape == (3, 4)
+    np.testing.assert_allclose(cos[0], np.ones(4))
+    np.testing.assert_allclose(sin[0], np.zeros(4))
+
+
 def test_default_positions_are_arange():
     x = jnp.asarray(random_x((2, 16, 4, 32), "float32"))
     rope = RoPE()

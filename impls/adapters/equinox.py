@@ -38,6 +38,33 @@ def occurrence_index(values: np.ndarray) -> np.ndarray:
     return index
 
 
+def buffer_shape(max_position: int, slices: int) -> tuple[int, int]:
+    """Return the shape ``(count, rows)`` of zero buffers for ``slices`` one-head buffers.
+
+    Each buffer needs a row for every position up to ``max_position``.
+
+    Eager JAX compiles every operation once per shape, so inputs should share shapes: both
+    numbers are rounded up to powers of two. Buffers of fewer than 4096 rows in all grow to
+    at least 128 rows and 4096 in all, so small inputs take one shape. Larger ones are padded
+    by less than 2x in each number. The extra buffers and rows are zeros and never read.
+
+    >>> buffer_shape(15, 4)  # a [2, 16, 2, D] case: 2 rows of positions 0 .. 15, 2 heads
+    (32, 128)
+    >>> buffer_shape(105, 4)
+    (32, 128)
+    >>> buffer_shape(7, 8192)  # 1024 rows of positions 0 .. 7, 8 heads
+    (8192, 16)
+    >>> buffer_shape(32767, 2)
+    (2, 32768)
+    """
+    rows = 1 << max(4, max_position.bit_length())
+    count = 1 << (slices - 1).bit_length()
+    if count * rows < 4096:
+        rows = max(rows, 128)
+        count = max(count, 4096 // rows)
+    return count, rows
+
+
 @functools.lru_cache(maxsize=64)
 def _jitted_module(rotary_dim: int, theta: float):
     # One jitted function per module, so a case whose buffers have a shape seen before reuses
@@ -82,13 +109,7 @@ class EquinoxAdapter(Adapter):
         tokens = x.reshape(batch * seq, heads, head_dim)[..., :rotary_dim]
 
         # Token t goes to row flat_positions[t] of buffer buffer_index[t], for every head.
-        # Eager JAX compiles every operation once per shape, so cases should share shapes. The
-        # row count is a power of two of at least 128. The buffer count is a power of two that
-        # gives at least 4096 rows in all. Small cases then all take one shape, and long ones
-        # do not grow. The extra buffers and rows are zeros and never read.
-        rows = 1 << max(7, int(flat_positions.max()).bit_length())
-        needed = int(buffer_index.max() + 1) * heads
-        count = max(1 << (needed - 1).bit_length(), 4096 // rows)
+        count, rows = buffer_shape(int(flat_positions.max()), int(buffer_index.max() + 1) * heads)
         # [buffers, H, rows, R] -> [buffers * H, rows, R], padded to [count, rows, R].
         buffers = np.zeros((count, rows, rotary_dim), x.dtype)
         slot = buffer_index[:, None] * heads + np.arange(heads)  # [B * S, H]

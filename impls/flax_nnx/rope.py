@@ -116,7 +116,8 @@ def as_positions(positions: Any, name: str, dtype: Any = None) -> Integer[Array,
     ``dtype`` is the integer dtype the caller stores the positions in. By default it is the
     dtype JAX stores them in: without x64, JAX keeps int64 and uint64 in 32 bits and wraps
     larger values silently, so a position above ``2**31 - 1`` would rotate as another one.
-    Concrete values are checked. Traced values cannot be, and they wrap.
+    Concrete values are checked. Traced values cannot be, and they wrap. Integer dtypes
+    narrower than 32 bits are widened to int32.
     """
     if not isinstance(positions, jax.Array):
         positions = np.asarray(positions)
@@ -135,6 +136,11 @@ def as_positions(positions: Any, name: str, dtype: Any = None) -> Integer[Array,
         raise TypeError(
             f"{name} must be integers, got dtype {positions.dtype}. Pass {name}.astype(jnp.int32)."
         )
+    if jnp.iinfo(positions.dtype).bits < 32:
+        # int8 and int16 cannot hold a table length such as 4096, so comparing positions
+        # with it would wrap eagerly and raise OverflowError under jit. int32 represents every
+        # narrower value exactly.
+        positions = positions.astype(jnp.int32)
     return positions
 
 
@@ -431,6 +437,7 @@ class RoPE(nnx.Module):
         4x (bfloat16) the time of a plain ``x * c``. ``lax.optimization_barrier`` does not
         prevent it, because XLA:CPU removes barriers before fusion.
         """
+        positions = as_positions(positions, "positions")
         dtype = _compute_dtype(dtype)
         rotary_dim = validate_rotary_dim(rotary_dim)
         self._check_dynamic_rotary_dim(rotary_dim)
