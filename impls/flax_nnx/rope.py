@@ -106,7 +106,7 @@ def _looked_up_tables(
     *,
     dtype: jnp.dtype,
 ) -> tuple[Float[Array, "*batch seq half"], Float[Array, "*batch seq half"]]:
-    # mode="clip" in the gather is safe: this runs only when every index is in the table.
+    # mode="clip" in the gather is safe, because this runs only when every index is in the table.
     return _gather_rows(cos_table, positions).astype(dtype), _gather_rows(sin_table, positions).astype(dtype)
 
 
